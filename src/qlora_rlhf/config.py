@@ -1,0 +1,170 @@
+"""One typed, validated config built from params.yaml; every stage takes it explicitly.
+
+Validation happens before any model or data is loaded: a bad value raises ConfigError with one
+line per problem, each naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A params file that cannot drive a run; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="folder name under results/")
+    seed: int = Field(ge=0)
+    results_dir: str = "results"
+
+
+class LoraConfig(_Section):
+    r: int = Field(ge=1, le=1024)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(min_length=1, description=f"hub id, local directory, or {EMBEDDED_MODEL}")
+    quantization: Literal["nf4", "none"]
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    lora: LoraConfig
+    gradient_checkpointing: bool
+    optimizer: Literal["paged_adamw_8bit", "adamw_torch"]
+
+
+class DataConfig(_Section):
+    source: str = Field(min_length=1, description="synthetic, hub:<id>, a directory, or .jsonl/.jsonl.gz files")
+    hub_data_dir: str | None = None
+    synthetic_train_rows: int = Field(ge=1)
+    synthetic_test_rows: int = Field(ge=1)
+    sft_size: int = Field(ge=1)
+    rm_size: int = Field(ge=1)
+    ppo_size: int = Field(ge=1)
+    eval_size: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=8)
+    max_length: int = Field(ge=16)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_tokens >= self.max_length:
+            raise ValueError("max_prompt_tokens must be smaller than max_length")
+        return self
+
+
+class TrainConfig(_Section):
+    """SFT and reward-model training share one shape of knobs."""
+
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0, lt=1.0)
+    warmup_ratio: float = Field(ge=0.0, lt=1.0)
+    save_steps: int = Field(ge=1)
+    logging_steps: int = Field(ge=1)
+
+
+class PPOConfig(_Section):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="prompts per rollout")
+    mini_batch_size: int = Field(ge=1)
+    ppo_epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0, lt=1.0)
+    kl_coef: float = Field(ge=0.0)
+    kl_target_low: float = Field(ge=0.0)
+    kl_target_high: float = Field(gt=0.0)
+    cliprange: float = Field(gt=0.0, lt=1.0)
+    cliprange_value: float = Field(gt=0.0)
+    vf_coef: float = Field(ge=0.0)
+    gamma: float = Field(gt=0.0, le=1.0)
+    lam: float = Field(ge=0.0, le=1.0)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(gt=0.0)
+    missing_eos_penalty: float = Field(ge=0.0)
+    max_kl: float = Field(gt=0.0, description="stop when KL to the reference exceeds this")
+    save_steps: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOConfig:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        if self.kl_target_low >= self.kl_target_high:
+            raise ValueError("kl_target_low must be smaller than kl_target_high")
+        return self
+
+
+class EvalConfig(_Section):
+    num_prompts: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(gt=0.0)
+    bootstrap_samples: int = Field(ge=100)
+    num_sample_rows: int = Field(ge=0)
+
+
+class Config(_Section):
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    sft: TrainConfig
+    rm: TrainConfig
+    ppo: PPOConfig
+    eval: EvalConfig
+
+    @model_validator(mode="after")
+    def _fits_data(self) -> Config:
+        checks = [
+            ("sft.batch_size", self.sft.batch_size, "data.sft_size", self.data.sft_size),
+            ("rm.batch_size", self.rm.batch_size, "data.rm_size", self.data.rm_size),
+            ("ppo.batch_size", self.ppo.batch_size, "data.ppo_size", self.data.ppo_size),
+            ("eval.num_prompts", self.eval.num_prompts, "data.eval_size", self.data.eval_size),
+        ]
+        for key, value, data_key, size in checks:
+            if value > size:
+                raise ValueError(f"{key}={value} is larger than {data_key}={size}")
+        if self.ppo.max_new_tokens + self.data.max_prompt_tokens > self.data.max_length * 4:
+            raise ValueError("ppo.max_new_tokens + data.max_prompt_tokens is unreasonably long for data.max_length")
+        return self
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid params ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check spelling; see params.yaml for the allowed keys)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and item["type"] not in {"model_type"}:
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a params file; raises ConfigError with a readable message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, sft, rm, ppo, eval)")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None

