@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Llama (seconds to train) that uses the embedded model's real
+tokenizer, and a helper that writes a small valid params file pointing at it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from qlora_rlhf.config import EMBEDDED_MODEL
+    from qlora_rlhf.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer(EMBEDDED_MODEL).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 32-wide random Llama saved with the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def smoke_params(model_dir: Path | str, results_dir: Path | str, **overrides) -> dict:
+    """configs/smoke.yaml pointed at a model and a results folder, with dotted-key overrides."""
+    params = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    params["model"]["name_or_path"] = str(model_dir)
+    params["run"]["results_dir"] = str(results_dir)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1) if "." in dotted else (dotted, None)
+        if key is None:
+            params[section] = value
+        else:
+            node = params[section]
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return copy.deepcopy(params)
+
+
+@pytest.fixture
+def write_params(tmp_path, tiny_model_dir):
+    """write_params(**overrides) -> path of a valid smoke params file under tmp_path."""
+
+    def _write(**overrides) -> Path:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **overrides)))
+        return path
+
+    return _write
