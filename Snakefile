@@ -1,0 +1,23 @@
+# Second front door to the DAG in dvc.yaml: one rule per DVC stage, derived, never hand-written.
+#   snakemake --cores 1            # everything, up to the paper
+#   snakemake --cores 1 figures    # up to the figures
+# Rerun triggers: mtime of inputs (code + upstream outputs), the shell command, and `params:`,
+# which carries the values of exactly the params.yaml keys the DVC stage declares.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from dag import load_stages, snakemake_inputs  # noqa: E402
+
+configfile: "params.yaml"
+
+STAGES = load_stages(Path(workflow.basedir) / "dvc.yaml", config)
+
+
+rule all:
+    default_target: True
+    input:
+        STAGES["paper"].outputs,
+
+
+include: "workflow/rules/stages.smk"
