@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_runtime, load_config
 from .paths import RunPaths
 
 # verb -> (module, help); each module has run(config, paths)
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params)
+        check_runtime(config)
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -21,6 +21,14 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # pydantic's lax mode reads true/false as 1/0: a YAML slip (seed: yes) must not pass silently
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("expected a number or text, not true/false")
+        return value
 
 
 class RunConfig(_Section):
@@ -60,7 +68,19 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
         if self.max_prompt_tokens >= self.max_length:
-            raise ValueError("max_prompt_tokens must be smaller than max_length")
+            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be smaller than "
+                             f"data.max_length={self.max_length} (the response needs room)")
+        if self.hub_data_dir is not None and not self.source.startswith("hub:"):
+            raise ValueError(f"data.hub_data_dir={self.hub_data_dir!r} is only used with data.source: hub:<id> "
+                             f"(data.source={self.source!r})")
+        if self.source == "synthetic":
+            need = self.sft_size + self.rm_size + self.ppo_size
+            if need > self.synthetic_train_rows:
+                raise ValueError(f"data.sft_size + data.rm_size + data.ppo_size = {need} is larger than "
+                                 f"data.synthetic_train_rows={self.synthetic_train_rows}")
+            if self.eval_size > self.synthetic_test_rows:
+                raise ValueError(f"data.eval_size={self.eval_size} is larger than "
+                                 f"data.synthetic_test_rows={self.synthetic_test_rows}")
         return self
 
 
@@ -99,9 +119,11 @@ class PPOConfig(_Section):
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
         if self.batch_size % self.mini_batch_size:
-            raise ValueError("batch_size must be a multiple of mini_batch_size")
+            raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
+                             f"ppo.mini_batch_size={self.mini_batch_size}")
         if self.kl_target_low >= self.kl_target_high:
-            raise ValueError("kl_target_low must be smaller than kl_target_high")
+            raise ValueError(f"ppo.kl_target_low={self.kl_target_low} must be smaller than "
+                             f"ppo.kl_target_high={self.kl_target_high}")
         return self
 
 
@@ -130,19 +152,24 @@ class Config(_Section):
             ("ppo.batch_size", self.ppo.batch_size, "data.ppo_size", self.data.ppo_size),
             ("eval.num_prompts", self.eval.num_prompts, "data.eval_size", self.data.eval_size),
         ]
-        for key, value, data_key, size in checks:
-            if value > size:
-                raise ValueError(f"{key}={value} is larger than {data_key}={size}")
+        problems = [f"{key}={value} is larger than {data_key}={size}"
+                    for key, value, data_key, size in checks if value > size]
         if self.ppo.max_new_tokens + self.data.max_prompt_tokens > self.data.max_length * 4:
-            raise ValueError("ppo.max_new_tokens + data.max_prompt_tokens is unreasonably long for data.max_length")
+            problems.append("ppo.max_new_tokens + data.max_prompt_tokens is unreasonably long for data.max_length")
+        if problems:  # one line per problem
+            raise ValueError("\n".join(problems))
         return self
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: invalid params ({error.error_count()} problem(s)):"]
+    lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # a check across keys: its message names the dotted keys itself, one line per problem
+            lines += [f"  {line}" for line in message.splitlines()]
+            continue
         if item["type"] == "extra_forbidden":
             message = "unknown key (check spelling; see params.yaml for the allowed keys)"
         elif item["type"] == "missing":
@@ -150,7 +177,21 @@ def _format_errors(path: Path, error: ValidationError) -> str:
         elif "input" in item and item["type"] not in {"model_type"}:
             message = f"{message} (got {item['input']!r})"
         lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
+    return "\n".join([f"{path}: invalid params ({len(lines)} problem(s)):", *lines])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (given twice in one section)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> Config:
@@ -159,7 +200,9 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the params file: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -168,3 +211,20 @@ def load_config(path: str | Path) -> Config:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
+
+
+def check_runtime(config: Config) -> None:
+    """Checks that need the installed packages, not only the params file: run right after load_config,
+    before any data or model is touched."""
+    needs_bnb = {"model.quantization": (config.model.quantization, "nf4", "none"),
+                 "model.optimizer": (config.model.optimizer, "paged_adamw_8bit", "adamw_torch")}
+    needs_bnb = {key: (value, fallback) for key, (value, wanted, fallback) in needs_bnb.items() if value == wanted}
+    if not needs_bnb:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install that fails while importing
+        reason = f"{type(exc).__name__}: {exc}"
+        problems = [f"  {key}: {value!r} needs bitsandbytes, which cannot be imported ({reason}); "
+                    f"install bitsandbytes or set {key}: {fallback}" for key, (value, fallback) in needs_bnb.items()]
+        raise ConfigError("\n".join([f"params cannot run here ({len(problems)} problem(s)):", *problems])) from None
