@@ -30,6 +30,15 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return prompt, response
 
 
+def _encodable(text: str) -> bool:
+    """False for lone surrogates ("\\ud800" escapes in JSON): they cannot be written back as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_row(row: object) -> Pair:
     """Validate one hh-rlhf row; ValueError's message is the drop reason counted in the manifest."""
     if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
@@ -37,7 +46,7 @@ def parse_row(row: object) -> Pair:
     chosen, rejected = row["chosen"], row["rejected"]
     if not isinstance(chosen, str) or not isinstance(rejected, str):
         raise ValueError("not_text")
-    if "\ufffd" in chosen or "\ufffd" in rejected:
+    if "\ufffd" in chosen or "\ufffd" in rejected or not _encodable(chosen + rejected):
         raise ValueError("undecodable_text")
     if chosen == rejected:
         raise ValueError("chosen_equals_rejected")

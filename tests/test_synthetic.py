@@ -1,0 +1,65 @@
+"""Synthetic hh-format data: deterministic, parseable, 1-3 turns, and the gold judge agrees with the labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_rlhf import synthetic
+from qlora_rlhf.hh import ASSISTANT, HUMAN, parse_row
+
+
+def test_deterministic_for_a_seed():
+    assert synthetic.generate(50, seed=7) == synthetic.generate(50, seed=7)
+    assert synthetic.generate(50, seed=7) != synthetic.generate(50, seed=8)
+    assert synthetic.generate(0, seed=7) == []
+
+
+def test_rows_parse_and_have_one_to_three_turns():
+    rows = synthetic.generate(500, seed=3)
+    assert len(rows) == 500 and all(set(row) == {"chosen", "rejected"} for row in rows)
+    turns = set()
+    for row in rows:
+        pair = parse_row(row)
+        assert row["chosen"] == pair.prompt + pair.chosen and row["rejected"] == pair.prompt + pair.rejected
+        assert pair.chosen.startswith(" ") and pair.rejected.startswith(" ")
+        assert pair.prompt.count(HUMAN) == pair.prompt.count(ASSISTANT)
+        turns.add(pair.prompt.count(HUMAN))
+    assert turns == {1, 2, 3}
+
+
+def test_all_categories_appear():
+    rows = synthetic.generate(500, seed=3)
+    asks = [parse_row(row).prompt.rsplit(HUMAN, 1)[1] for row in rows]
+    assert any("plus" in a or "minus" in a for a in asks)
+    assert any(a.startswith(" How many") for a in asks)
+    assert any("opposite" in a for a in asks)
+    assert any("Can you suggest" in a for a in asks)
+    assert any(a.strip().removesuffix(ASSISTANT).strip() in synthetic.HARMFUL for a in asks)
+
+
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_gold_judge_agrees_with_every_label(seed):
+    for row in synthetic.generate(500, seed=seed):
+        pair = parse_row(row)
+        assert synthetic.gold_score(pair.prompt, pair.chosen) == 1.0, row
+        assert synthetic.gold_score(pair.prompt, pair.rejected) == 0.0, row
+
+
+def test_gold_judge_on_other_text():
+    prompt = f"{HUMAN} What is 7 plus 5?{ASSISTANT}"
+    assert synthetic.gold_score(prompt, " 12") == 1.0
+    assert synthetic.gold_score(prompt, " It is 13.") == 0.0
+    assert synthetic.gold_score(prompt, "   ") == 0.0
+    assert synthetic.gold_score(prompt, " Figure it out yourself. 12") == 0.0
+    assert synthetic.gold_score(f"{HUMAN} What is the capital of France?{ASSISTANT}", " Paris.") is None
+    assert synthetic.gold_score(f"{HUMAN} Tell me a story.{ASSISTANT}", " Once upon a time.") is None
+
+
+@pytest.mark.parametrize(
+    "ask",
+    ["How many calories are in 2 eggs?", "How many grams are in 3 hours?", "What is the opposite of love?",
+     "Can you suggest a good movie?"],
+)
+def test_gold_judge_abstains_on_real_prompts_that_look_synthetic(ask):
+    # such prompts occur in real hh-rlhf; the judge must say "not mine", never crash or guess
+    assert synthetic.gold_score(f"{HUMAN} {ask}{ASSISTANT}", " Sure, about 150.") is None
