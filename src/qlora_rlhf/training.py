@@ -1,9 +1,20 @@
-"""What the three training stages share: seeds, the DVCLive logger, resumable checkpoints and
-the non-finite guard."""
+"""What the three training stages share: seeds, the DVCLive + CSV history logger, resumable
+checkpoints, held-out perplexity, the non-finite guard and merging an adapter into its base."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import TrainerCallback, set_seed
+
+from .atomic import write_json
+from .config import Config
+from .paths import RunPaths
 
 
 class TrainingError(RuntimeError):
@@ -15,3 +26,146 @@ def check_finite(step: int, **values: float) -> None:
     if bad:
         names = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise TrainingError(f"step {step}: non-finite {names}; stopped, the last good checkpoint is kept")
+
+
+def seed_everything(config: Config) -> None:
+    set_seed(config.run.seed, deterministic=not torch.cuda.is_available())
+    torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
+
+
+def require(path: Path, stage: str) -> Path:
+    if not Path(path).exists():
+        raise TrainingError(f"{path} is missing: run the {stage} stage first")
+    return path
+
+
+class History:
+    """Per-step metrics appended to checkpoints/<stage>/history.jsonl (survives a kill) and to
+    DVCLive; `write_csv` turns them into the stage's plot file."""
+
+    def __init__(self, paths: RunPaths, stage: str):
+        from dvclive import Live
+
+        self.file = paths.checkpoints(stage) / "history.jsonl"
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.live = Live(dir=str(paths.dvclive(stage)), resume=self.file.exists(), save_dvc_exp=False, dvcyaml=None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step} | {k: float(v) for k, v in metrics.items()}
+        with open(self.file, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.live.step = step
+        for key, value in metrics.items():
+            self.live.log_metric(key, float(value))
+        self.live.next_step()
+
+    def rows(self) -> pd.DataFrame:
+        if not self.file.exists():
+            return pd.DataFrame(columns=["step"])
+        frame = pd.read_json(self.file, lines=True)
+        return frame.groupby("step", as_index=False).last()  # a resumed run re-logs steps: keep the latest
+
+    def write_csv(self, target: Path) -> pd.DataFrame:
+        from .atomic import atomic_file
+
+        frame = self.rows()
+        with atomic_file(target) as handle:
+            frame.to_csv(handle, index=False)
+        self.live.end()
+        return frame
+
+
+class HistoryCallback(TrainerCallback):
+    """Sends the Trainer's training logs (loss, accuracy, ...) to a History."""
+
+    def __init__(self, history: History, keys: tuple[str, ...]):
+        self.history, self.keys = history, keys
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        picked = {k: v for k, v in (logs or {}).items() if k in self.keys}
+        if "loss" in picked:
+            check_finite(state.global_step, loss=picked["loss"])
+        if picked:
+            self.history.log(state.global_step, picked)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+
+
+def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
+    """TrainingArguments shared by the SFT and reward stages."""
+    train = getattr(config, stage)
+    return dict(
+        output_dir=str(paths.checkpoints(stage)), max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps), lr_scheduler_type="cosine",
+        logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=2, save_strategy="steps",
+        optim=config.model.optimizer, gradient_checkpointing=config.model.gradient_checkpointing,
+        bf16=config.model.compute_dtype == "bfloat16", fp16=config.model.compute_dtype == "float16",
+        seed=config.run.seed, data_seed=config.run.seed, report_to="none", max_length=config.data.max_length,
+        dataloader_num_workers=0, remove_unused_columns=True,
+    )
+
+
+@torch.no_grad()
+def completion_perplexity(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 8) -> float:
+    """exp(mean NLL) over completion tokens (EOS included), prompts masked out, as SFT's loss counts it."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = []
+        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            batch.append((p + c, [-100] * len(p) + c))
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch], device=device)
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch], device=device)
+        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(i) for i, _ in batch], device=device)[:, None])
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((target != -100).sum())
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config, tokenizer, kind: str = "causal") -> None:
+    """Merge a LoRA adapter into full-precision base weights (the standard QLoRA hand-off), so the
+    next stage can load it in 4-bit as its new base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    dtype = torch.bfloat16 if config.model.compute_dtype != "float32" else torch.float32
+    model = cls.from_pretrained(base_path, dtype=dtype, pad_token_id=tokenizer.pad_token_id, device_map={"": "cpu"})
+    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def write_metrics(paths: RunPaths, stage: str, metrics: dict) -> None:
+    write_json(paths.stage_metrics(stage), metrics)
+
+
+def match_trainable_dtype(model, config: Config) -> None:
+    """TRL casts a quantized model's trainable params (LoRA, score head) to bf16 (the QLoRA paper's
+    choice); keep them in the configured compute dtype so fp32 CPU runs don't mix dtypes."""
+    dtype = getattr(torch, config.model.compute_dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -1,0 +1,146 @@
+"""One 4-bit base serving all four PPO roles, with named adapters instead of model copies:
+
+- policy:    merged SFT weights + the "policy" LoRA adapter (trainable) + a value head on its trunk;
+- reference: the same weights with adapters disabled, i.e. the SFT policy (the KL anchor);
+- reward:    the same weights + the "reward" LoRA adapter from the rm stage + its score head.
+
+A 7B model then costs one ~3.9 GB NF4 copy instead of three (about 12 GB). The evaluation stage
+uses the same object to generate with SFT and PPO and to score with the reward model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import Config
+from .models import load_model, lora_config
+
+POLICY, REWARD = "policy", "reward"
+
+
+def _score_head(rm_adapter: Path, hidden: int, dtype: torch.dtype, device) -> nn.Linear:
+    with safe_open(str(rm_adapter / "adapter_model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("score.weight"))
+        weight = f.get_tensor(key)
+    head = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
+    head.weight.data.copy_(weight.to(dtype))
+    return head.requires_grad_(False)
+
+
+@dataclass
+class ActorCritic:
+    model: object  # peft PeftModel over the 4-bit causal LM
+    value_head: nn.Linear
+    reward_head: nn.Linear
+    tokenizer: object
+
+    @classmethod
+    def load(cls, config: Config, sft_model: Path, rm_adapter: Path, policy_adapter: Path | None = None,
+             trainable: bool = True) -> ActorCritic:
+        from peft import PeftModel, get_peft_model
+        from peft import LoraConfig as PeftLora
+
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(sft_model)
+        base = load_model(sft_model, config, tokenizer.pad_token_id, kind="causal", trainable=trainable)
+        if policy_adapter is not None:
+            model = PeftModel.from_pretrained(base, str(policy_adapter), adapter_name=POLICY, is_trainable=trainable)
+        else:
+            cfg: PeftLora = lora_config(config)
+            cfg.lora_dropout = 0.0  # PPO's ratio needs the same function at rollout and update
+            model = get_peft_model(base, cfg, adapter_name=POLICY)
+        # The reward adapter was trained on a sequence-classification model with the same trunk;
+        # its score head is not part of a causal LM, so it is loaded by hand.
+        model.load_adapter(str(rm_adapter), adapter_name=REWARD, is_trainable=False)
+        model.set_adapter(POLICY)
+        hidden, dtype = base.config.hidden_size, getattr(torch, config.model.compute_dtype)
+        device = next(model.parameters()).device
+        reward_head = _score_head(rm_adapter, hidden, dtype, device)
+        value_head = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
+        value_head.weight.data.copy_(reward_head.weight.data)  # value starts as the reward model's head
+        return cls(model, value_head, reward_head, tokenizer)
+
+    @property
+    def device(self):
+        return self.value_head.weight.device
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n] + list(self.value_head.parameters())
+
+    # ------------------------------------------------------------ role switches
+    @contextmanager
+    def reference(self):
+        with self.model.disable_adapter():
+            yield
+
+    @contextmanager
+    def adapter(self, name: str):
+        self.model.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(POLICY)
+            for param in self.policy_parameters():  # set_adapter toggles requires_grad; keep the policy trainable
+                param.requires_grad_(True)
+
+    # ------------------------------------------------------------ forwards
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Logits and final hidden states of the active role over padded sequences."""
+        return forward(self.model, ids, mask)
+
+    @torch.no_grad()
+    def reward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model score at the last real token of each sequence."""
+        with self.adapter(REWARD):
+            _, hidden = self.forward(ids, mask)
+        last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
+        return self.reward_head(hidden[torch.arange(len(ids)), last].to(self.reward_head.weight.dtype))[:, 0].float()
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float):
+        """Sample from the policy role; see `sample`."""
+        return sample(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
+
+
+def forward(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Logits and final hidden states over left-padded sequences (positions count real tokens only)."""
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float):
+    """Sample responses; returns (query ids, query mask, response ids truncated after EOS and padded)."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    model.eval()
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
+                         top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    response = out[:, enc.input_ids.shape[1] :]
+    return enc.input_ids, enc.attention_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Keep tokens up to and including the first EOS; pad the rest."""
+    is_eos = response == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return response.masked_fill(after, pad_id)
+
+
+def response_mask(response: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """1 for real response tokens (through the first EOS), 0 for padding."""
+    is_eos = response == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after & ((response != pad_id) | is_eos)).long()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

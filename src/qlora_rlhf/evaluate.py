@@ -1,0 +1,140 @@
+"""Evaluation stage: on held-out prompts, sample from the base, SFT and PPO policies; score each
+response with the reward model and (synthetic data) the gold judge. Tables as CSV and LaTeX:
+perplexity, reward-model accuracy, mean reward with 95 % bootstrap intervals, KL(policy‖SFT),
+win rate of PPO over SFT under both judges, response length, and sample generations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .actor import ActorCritic, forward, response_mask, sample, token_logprobs
+from .atomic import atomic_dir, write_json
+from .config import Config
+from .data import read_split
+from .models import base_location, load_model
+from .paths import RunPaths
+from .synthetic import gold_score
+from .training import completion_perplexity, require, seed_everything
+
+
+def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(samples, len(values)), replace=True).mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+@torch.no_grad()
+def sequence_logprob(model, ids, mask, response, start: int, temperature: float) -> torch.Tensor:
+    logits, _ = forward(model, ids, mask)
+    resp_mask = (mask[:, start + 1 :]).float()
+    return (token_logprobs(logits[:, start:-1], response, temperature) * resp_mask).sum(1)
+
+
+@torch.no_grad()
+def rollouts(name: str, policy, ac: ActorCritic, prompts: list[str], config: Config) -> pd.DataFrame:
+    """Generate with one policy role; score with the reward model; log-probs under it and under SFT."""
+    tok, cfg, rows = ac.tokenizer, config.eval, []
+    torch.manual_seed(config.run.seed)  # the same sampling noise for every policy
+    for start in range(0, len(prompts), 8):
+        batch = prompts[start : start + 8]
+        with policy():
+            query, query_mask, response = sample(ac.model if name != "base" else policy.model, tok, batch,
+                                                 cfg.max_new_tokens, cfg.temperature)
+        resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
+        ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
+        first = query.shape[1] - 1
+        with policy():
+            own = sequence_logprob(ac.model if name != "base" else policy.model, ids, mask, response, first, cfg.temperature)
+        with ac.reference():
+            sft = sequence_logprob(ac.model, ids, mask, response, first, cfg.temperature)
+        scores = ac.reward(ids, mask)
+        for i, prompt in enumerate(batch):
+            text = tok.decode(response[i][resp_mask[i].bool()], skip_special_tokens=True)
+            rows.append({"policy": name, "prompt": prompt, "response": text, "reward": scores[i].item(),
+                         "gold": gold_score(prompt, text), "kl_to_sft": (own[i] - sft[i]).item(),
+                         "response_length": int(resp_mask[i].sum()),
+                         "ends_with_eos": bool((response[i] == tok.eos_token_id).any())})
+    return pd.DataFrame(rows)
+
+
+class _Role:
+    """A callable context that selects a policy role (base model, SFT, PPO) for `rollouts`."""
+
+    def __init__(self, context_factory, model=None):
+        self.context_factory, self.model = context_factory, model
+
+    def __call__(self):
+        return self.context_factory()
+
+
+def run(config: Config, paths: RunPaths) -> dict:
+    seed_everything(config)
+    sft_model = require(paths.sft / "merged", "sft")
+    ac = ActorCritic.load(config, sft_model, require(paths.rm / "adapter", "rm"),
+                          policy_adapter=require(paths.ppo / "adapter", "ppo"), trainable=False)
+    tok = ac.tokenizer
+    base = load_model(base_location(paths), config, tok.pad_token_id, kind="causal", trainable=False)
+    held_out = read_split(paths, "eval")[: config.eval.num_prompts]
+    prompts = [r["prompt"] for r in held_out]
+    from contextlib import nullcontext
+
+    roles = {"base": _Role(nullcontext, base), "sft": _Role(ac.reference), "ppo": _Role(nullcontext)}
+    generations = pd.concat([rollouts(name, role, ac, prompts, config) for name, role in roles.items()])
+
+    chosen = [r["chosen"] for r in held_out]
+    perplexity = {"base": completion_perplexity(base, tok, prompts, chosen)}
+    with ac.reference():
+        perplexity["sft"] = completion_perplexity(ac.model, tok, prompts, chosen)
+    perplexity["ppo"] = completion_perplexity(ac.model, tok, prompts, chosen)
+
+    def score(texts):
+        enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
+        return ac.reward(enc.input_ids.to(ac.device), enc.attention_mask.to(ac.device)).cpu().numpy()
+
+    margins = score([r["prompt"] + r["chosen"] for r in held_out]) - score([r["prompt"] + r["rejected"] for r in held_out])
+    rm_pairs = pd.DataFrame({"margin": margins, "correct": margins > 0})
+
+    samples, seed = config.eval.bootstrap_samples, config.run.seed
+    summary = []
+    for name, frame in generations.groupby("policy", sort=False):
+        reward_ci = bootstrap_ci(frame["reward"].to_numpy(), samples, seed)
+        gold = frame["gold"].dropna().to_numpy(dtype=float)
+        gold_ci = bootstrap_ci(gold, samples, seed) if len(gold) else (np.nan, np.nan)
+        summary.append({"policy": name, "perplexity": perplexity[name], "reward_mean": frame["reward"].mean(),
+                        "reward_ci_low": reward_ci[0], "reward_ci_high": reward_ci[1],
+                        "gold_mean": gold.mean() if len(gold) else np.nan, "gold_ci_low": gold_ci[0],
+                        "gold_ci_high": gold_ci[1], "kl_to_sft": frame["kl_to_sft"].mean(),
+                        "response_length": frame["response_length"].mean(), "eos_fraction": frame["ends_with_eos"].mean()})
+    summary = pd.DataFrame(summary)
+
+    by_policy = {name: frame.reset_index(drop=True) for name, frame in generations.groupby("policy")}
+    winrate = []
+    for judge, column in (("reward_model", "reward"), ("gold", "gold")):
+        ppo, sft = by_policy["ppo"][column].astype(float), by_policy["sft"][column].astype(float)
+        keep = ppo.notna() & sft.notna()
+        if keep.any():
+            wins = np.where(ppo[keep] > sft[keep], 1.0, np.where(ppo[keep] == sft[keep], 0.5, 0.0))
+            low, high = bootstrap_ci(wins, samples, seed)
+            winrate.append({"judge": judge, "win_rate": wins.mean(), "ci_low": low, "ci_high": high, "prompts": int(keep.sum())})
+    winrate = pd.DataFrame(winrate)
+    shown = generations[generations["prompt"].isin(prompts[: config.eval.num_sample_rows])]
+    samples_table = shown.pivot_table(index="prompt", columns="policy", values="response", aggfunc="first").reset_index()
+
+    with atomic_dir(paths.eval) as out:
+        for name, frame in {"summary": summary, "winrate": winrate, "samples": samples_table}.items():
+            frame.to_csv(out / f"{name}.csv", index=False)
+            frame.to_latex(out / f"{name}.tex", index=False, float_format="%.3f", escape=True)
+        generations.to_csv(out / "generations.csv", index=False)
+        rm_pairs.to_csv(out / "rm_pairs.csv", index=False)
+    row = summary.set_index("policy")
+    metrics = {f"{p}_{k}": float(row.loc[p, c]) for p in row.index
+               for k, c in (("perplexity", "perplexity"), ("reward_mean", "reward_mean"), ("gold_mean", "gold_mean"),
+                            ("kl_to_sft", "kl_to_sft"), ("response_length", "response_length"))}
+    metrics |= {"rm_accuracy": float(rm_pairs["correct"].mean()), "rm_margin_mean": float(margins.mean()),
+                "eval_prompts": len(prompts)}
+    metrics |= {f"winrate_{'rm' if r.judge == 'reward_model' else r.judge}": float(r.win_rate) for r in winrate.itertuples()}
+    write_json(paths.stage_metrics("eval"), {k: (None if v != v else v) for k, v in metrics.items()})
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return metrics

@@ -1,0 +1,192 @@
+"""Stage 3, PPO: our own loop on the equations of TRL's PPOTrainer (trl.experimental.ppo), because
+that trainer needs separate 4-bit copies for policy, value and reward models, cannot resume, and
+has no non-finite guard. Here one 4-bit base serves every role (see actor.py).
+
+Per step: sample responses for a batch of prompts; score them with the frozen reward model
+(minus a penalty when no EOS was generated); per-token reward = -kl_coef · (log π − log π_ref),
+plus the score on the last token; GAE advantages (whitened); then `ppo_epochs` passes of the
+clipped policy loss + vf_coef · clipped value loss over mini-batches.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .actor import POLICY, ActorCritic, response_mask, token_logprobs
+from .atomic import atomic_dir, read_json, write_json
+from .config import Config, PPOConfig
+from .data import read_split
+from .paths import RunPaths
+from .training import History, Timer, TrainingError, check_finite, require, seed_everything, write_metrics
+
+KEEP_CHECKPOINTS = 2
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def batch_prompts(prompts: list[str], step: int, size: int, seed: int) -> list[str]:
+    """Deterministic per step (so a resumed run sees the same batches): walk a per-epoch shuffle."""
+    start = (step - 1) * size
+    batch = []
+    for index in range(start, start + size):
+        epoch, offset = divmod(index, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        batch.append(prompts[order[offset]])
+    return batch
+
+
+def make_optimizer(config: Config, params):
+    if config.model.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.ppo.learning_rate)
+    return torch.optim.AdamW(params, lr=config.ppo.learning_rate)
+
+
+def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, torch.Tensor]:
+    tok = ac.tokenizer
+    query, query_mask, response = ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
+    resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
+    start = query.shape[1] - 1
+    with torch.no_grad():
+        logits, hidden = ac.forward(ids, mask)
+        logprobs = token_logprobs(logits[:, start:-1], response, cfg.temperature)
+        values = ac.value_head(hidden[:, start:-1]).squeeze(-1).float() * resp_mask
+        with ac.reference():
+            ref_logits, _ = ac.forward(ids, mask)
+        ref_logprobs = token_logprobs(ref_logits[:, start:-1], response, cfg.temperature)
+        scores = ac.reward(ids, mask)
+    has_eos = (response == tok.eos_token_id).any(1)
+    penalized = scores - cfg.missing_eos_penalty * (~has_eos).float()
+    kl_tokens = (logprobs - ref_logprobs) * resp_mask
+    rewards = -cfg.kl_coef * kl_tokens
+    last = (resp_mask.sum(1) - 1).clamp(min=0)
+    rewards[torch.arange(len(prompts)), last] += penalized
+    raw_advantages = gae(rewards, values, cfg.gamma, cfg.lam) * resp_mask
+    return dict(ids=ids, mask=mask, response=response, resp_mask=resp_mask.float(), logprobs=logprobs,
+                values=values, returns=raw_advantages + values, advantages=masked_whiten(raw_advantages, resp_mask),
+                scores=scores, has_eos=has_eos, kl=kl_tokens.sum(1), start=torch.tensor(start))
+
+
+def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str, float]:
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "entropy": []}
+    start, size = int(batch["start"]), len(batch["ids"])
+    ac.model.train()
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(size).split(cfg.mini_batch_size):
+            logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb])
+            logits = logits[:, start:-1].float() / cfg.temperature
+            new_logprobs = torch.log_softmax(logits, -1).gather(-1, batch["response"][mb].unsqueeze(-1)).squeeze(-1)
+            vpred = ac.value_head(hidden[:, start:-1]).squeeze(-1).float()
+            m, adv, old_v, ret = batch["resp_mask"][mb], batch["advantages"][mb], batch["values"][mb], batch["returns"][mb]
+            ratio = torch.exp(new_logprobs - batch["logprobs"][mb])
+            pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
+            policy_loss = masked_mean(torch.max(pg1, pg2), m)
+            vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            value_loss = 0.5 * masked_mean(torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2), m)
+            loss = policy_loss + cfg.vf_coef * value_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ac.policy_parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                probs = torch.softmax(logits, -1)
+                entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+                stats["entropy"].append(masked_mean(entropy, m).item())
+                stats["clip_fraction"].append(masked_mean((pg2 > pg1).float(), m).item())
+            stats["policy_loss"].append(policy_loss.item())
+            stats["value_loss"].append(value_loss.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------ checkpoints
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_policy(ac: ActorCritic, out: Path) -> None:
+    """The policy adapter as a plain peft folder (loadable on results/<run>/sft/merged) + value head."""
+    ac.model.save_pretrained(out / "_peft", selected_adapters=[POLICY])
+    (out / "_peft" / POLICY).rename(out / "adapter")
+    shutil.rmtree(out / "_peft")
+    torch.save(ac.value_head.state_dict(), out / "value_head.pt")
+
+
+def save_checkpoint(ac: ActorCritic, optimizer, step: int, root: Path) -> None:
+    with atomic_dir(root / f"step-{step:06d}") as out:
+        save_policy(ac, out)
+        torch.save(optimizer.state_dict(), out / "optimizer.pt")
+        write_json(out / "state.json", {"step": step})
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(config: Config, paths: RunPaths) -> dict:
+    cfg = config.ppo
+    seed_everything(config)
+    sft_model, rm_adapter = require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm")
+    prompts = [r["prompt"] for r in read_split(paths, "ppo")]
+    root = paths.checkpoints("ppo")
+    resume = latest_checkpoint(root)
+    ac = ActorCritic.load(config, sft_model, rm_adapter, policy_adapter=resume / "adapter" if resume else None)
+    optimizer = make_optimizer(config, ac.policy_parameters())
+    start = 0
+    if resume:
+        ac.value_head.load_state_dict(torch.load(resume / "value_head.pt"))
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
+        start = read_json(resume / "state.json")["step"]
+        print(f"ppo: resuming from {resume} (step {start})")
+    history = History(paths, "ppo")
+    with Timer() as timer:
+        for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
+            torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
+            batch = rollout(ac, batch_prompts(prompts, step, cfg.batch_size, config.run.seed), cfg)
+            losses = update(ac, optimizer, batch, cfg)
+            metrics = losses | {
+                "reward_mean": batch["scores"].mean().item(), "kl": batch["kl"].mean().item(),
+                "response_length": batch["resp_mask"].sum(1).mean().item(),
+                "eos_fraction": batch["has_eos"].float().mean().item(),
+            }
+            check_finite(step, **metrics)
+            if metrics["kl"] > cfg.max_kl:
+                raise TrainingError(f"step {step}: KL to the reference {metrics['kl']:.2f} exceeds ppo.max_kl="
+                                    f"{cfg.max_kl}; stopped, the last good checkpoint is kept in {root}")
+            history.log(step, metrics)
+            if step % cfg.save_steps == 0 or step == cfg.steps:
+                save_checkpoint(ac, optimizer, step, root)
+    with atomic_dir(paths.ppo) as out:
+        save_policy(ac, out)
+    curve = history.write_csv(paths.metrics / "ppo_history.csv")
+    summary = {
+        "reward_mean_first": float(curve["reward_mean"].iloc[0]), "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
+        "kl_last": float(curve["kl"].iloc[-1]), "steps": cfg.steps, "seconds": round(timer.seconds, 1),
+    }
+    write_metrics(paths, "ppo", summary)
+    print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, KL {summary['kl_last']:.3f}")
+    return summary

@@ -1,0 +1,52 @@
+"""Stage 1, SFT: TRL SFTTrainer on the chosen dialogues, loss on the assistant completion only,
+NF4 base + LoRA, paged AdamW 8-bit, gradient checkpointing. Writes the LoRA adapter, the merged
+SFT model the later stages start from, metrics and the loss curve."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from .atomic import atomic_dir
+from .config import Config
+from .data import read_split
+from .models import base_location, load_model, load_tokenizer, lora_config
+from .paths import RunPaths
+from .training import (History, HistoryCallback, Timer, match_trainable_dtype, completion_perplexity, last_checkpoint, merge_adapter,
+                       require, seed_everything, trainer_args, write_metrics)
+
+
+def run(config: Config, paths: RunPaths) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    seed_everything(config)
+    base = base_location(paths)
+    tokenizer = load_tokenizer(base)
+    require(paths.split("sft"), "data")
+    train = Dataset.from_list(read_split(paths, "sft"))
+    held_out = read_split(paths, "eval")
+    prompts, chosen = [r["prompt"] for r in held_out], [r["chosen"] for r in held_out]
+
+    model = load_model(base, config, tokenizer.pad_token_id, kind="causal")
+    perplexity_base = completion_perplexity(model, tokenizer, prompts, chosen)
+    history = History(paths, "sft")
+    args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=lora_config(config), callbacks=[HistoryCallback(history, ("loss",))])
+    match_trainable_dtype(trainer.model, config)
+    with Timer() as timer:
+        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("sft")))
+    perplexity_sft = completion_perplexity(trainer.model, tokenizer, prompts, chosen)
+
+    with atomic_dir(paths.sft) as out:
+        trainer.model.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+        merge_adapter(base, out / "adapter", out / "merged", config, tokenizer)
+    curve = history.write_csv(paths.metrics / "sft_history.csv")
+    metrics = {
+        "perplexity_base": perplexity_base, "perplexity_sft": perplexity_sft,
+        "train_loss_first": float(curve["loss"].iloc[0]), "train_loss_last": float(curve["loss"].iloc[-1]),
+        "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1),
+    }
+    write_metrics(paths, "sft", metrics)
+    print(f"sft: held-out perplexity {perplexity_base:.2f} -> {perplexity_sft:.2f}; adapter in {paths.sft}")
+    return metrics
