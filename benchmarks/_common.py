@@ -1,0 +1,103 @@
+"""Shared by the benchmark scripts: the machine's description, the model to benchmark, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# Dense bf16 tensor-core peaks from vendor spec sheets (TFLOP/s), used when --peak-tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
+                    "A100": 312.0, "RTX 4090": 165.2, "L4": 121.0, "A10G": 70.0}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cuda_device": None}
+    try:
+        import bitsandbytes, peft, transformers  # noqa: E401
+
+        info |= {"transformers": transformers.__version__, "peft": peft.__version__,
+                 "bitsandbytes": bitsandbytes.__version__}
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {"cuda_device": props.name, "cuda_memory_gib": props.total_memory / 1024**3,
+                 "cuda_version": torch.version.cuda}
+    return info
+
+
+def default_peak_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def tiny_model_dir(out: Path) -> Path:
+    """A 2-layer random Llama with the embedded model's tokenizer: for smoke runs of the scripts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_rlhf.config import EMBEDDED_MODEL
+    from qlora_rlhf.models import load_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def model_dir(config, explicit: str | None, tiny: bool) -> Path:
+    """--model, else --tiny, else the base stage's output for the params' run."""
+    from qlora_rlhf.paths import RunPaths
+
+    if explicit:
+        return Path(explicit)
+    if tiny:
+        return tiny_model_dir(Path(tempfile.gettempdir()) / "qlora-rlhf-tiny-llama")
+    path = RunPaths.of(config).base_model / "model"
+    if not (path / "config.json").is_file():
+        sys.exit(f"{path} is missing: run the base stage first (dvc repro base), or pass --model DIR or --tiny")
+    return path
+
+
+def with_overrides(config, **sections):
+    """config with {section: {key: value}} replaced (the Config models are frozen)."""
+    for section, changes in sections.items():
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            config = config.model_copy(update={section: getattr(config, section).model_copy(update=changes)})
+    return config
+
+
+def write(name: str, payload: dict) -> Path:
+    from qlora_rlhf.atomic import write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / f"{name}.json"
+    write_json(target, payload | {"machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    print(f"wrote {target.relative_to(REPO)}")
+    return target
+
+
+def dumps(payload: dict) -> str:
+    return json.dumps(payload, indent=2, default=str)
