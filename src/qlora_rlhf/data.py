@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import random
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ def _read_jsonl(path: Path, dropped: Counter) -> Iterator[object]:
                 if not raw.strip():
                     continue
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig")  # -sig: a BOM at the start of a file is not broken JSON
                 except UnicodeDecodeError:
                     dropped["undecodable_text"] += 1
                     continue
@@ -39,10 +40,10 @@ def _read_jsonl(path: Path, dropped: Counter) -> Iterator[object]:
                     yield json.loads(text)
                 except json.JSONDecodeError:
                     dropped["broken_json"] += 1
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:  # a truncated .gz: keep what was read
-        if isinstance(exc, FileNotFoundError):
-            raise DataError(f"data file not found: {path}") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated or corrupt .gz: keep what was read
         dropped["truncated_file"] += 1
+    except OSError as exc:  # missing, unreadable, a folder: nothing a re-run can fix by itself
+        raise DataError(f"cannot read data file {path}: {exc}") from None
 
 
 def _split_files(directory: Path) -> dict[str, list[Path]]:
