@@ -1,0 +1,228 @@
+"""The figures stage: seaborn PNG + PDF from the metrics and evaluation tables, written atomically
+into results/<run>/figures. Reads only the contract files of the upstream stages:
+
+- metrics/{sft,rm,ppo}_history.csv  per-step training curves
+- eval/generations.csv               per-response reward / gold score of base, SFT and PPO
+- eval/rm_pairs.csv                  reward-model margin on held-out pairs
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_dir
+from .config import Config
+from .paper import PaperError
+from .paths import RunPaths
+
+POLICIES = ["base", "sft", "ppo"]
+POLICY_LABELS = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
+# One colour per stage / policy everywhere in the paper.
+COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "rm": "#2ca02c", "ppo": "#d62728", "kl": "#9467bd"}
+FULL_WIDTH = 7.0     # inches: a two-column paper's text width
+HALF_WIDTH = 3.5
+
+FIGURES = ["timeline", "reward_vs_kl", "reward_distributions", "rm_margins", "response_lengths", "ppo_diagnostics"]
+
+
+class FiguresError(PaperError):
+    """An upstream result the figures need is missing or malformed."""
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise FiguresError(f"{path} is missing; run the stage that writes it first (dvc repro / snakemake)")
+    frame = pd.read_csv(path)
+    missing = [col for col in required if col not in frame.columns]
+    if missing:
+        raise FiguresError(f"{path}: missing column(s) {', '.join(missing)}")
+    for col in frame.columns:
+        if col not in {"policy", "prompt", "response", "judge"}:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+def _series(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    return frame[["step", column]].dropna()
+
+
+def _save(fig, folder: Path, name: str) -> None:
+    fig.savefig(folder / f"{name}.png", dpi=200, bbox_inches="tight")
+    fig.savefig(folder / f"{name}.pdf", bbox_inches="tight")
+
+
+def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):
+    """The three training stages side by side, in order, as in the design note's metrics timeline."""
+    fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.6), constrained_layout=True)
+
+    ax = axes[0]
+    data = _series(sft, "loss")
+    ax.plot(data["step"], data["loss"], color=COLORS["sft"], marker="o", markersize=2.5, label="train loss")
+    ax.set(title="1. SFT", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
+
+    ax = axes[1]
+    data = _series(rm, "loss")
+    ax.plot(data["step"], data["loss"], color=COLORS["rm"], marker="o", markersize=2.5, label="loss")
+    ax.set(title="2. Reward model", xlabel="optimizer step", ylabel="pairwise loss (nats)")
+    acc = _series(rm, "accuracy")
+    if len(acc):
+        twin = ax.twinx()
+        twin.plot(acc["step"], acc["accuracy"], color="black", linestyle="--", marker="s", markersize=2.5,
+                  label="accuracy")
+        twin.set_ylabel("pairwise accuracy")
+        twin.grid(False)
+        twin.set_ylim(0, 1.02)
+        twin.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        _joint_legend(ax, twin)
+
+    ax = axes[2]
+    data = _series(ppo, "reward_mean")
+    ax.plot(data["step"], data["reward_mean"], color=COLORS["ppo"], marker="o", markersize=2.5, label="reward")
+    ax.set(title="3. PPO", xlabel="PPO step", ylabel="mean reward (RM score)")
+    kl = _series(ppo, "kl")
+    if len(kl):
+        twin = ax.twinx()
+        twin.plot(kl["step"], kl["kl"], color=COLORS["kl"], linestyle="--", marker="s", markersize=2.5,
+                  label="KL to SFT")
+        twin.set_ylabel("KL to SFT (nats)")
+        twin.grid(False)
+        _joint_legend(ax, twin)
+    fig.suptitle("Training metrics timeline: SFT \u2192 reward model \u2192 PPO")
+    return fig
+
+
+def _joint_legend(ax, twin) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = twin.get_legend_handles_labels()
+    twin.legend(handles + more, labels + more_labels, loc="best", frameon=True, fontsize="small")
+
+
+def _reward_vs_kl(plt, ppo: pd.DataFrame, config: Config | None):
+    data = ppo[["step", "kl", "reward_mean"]].dropna()
+    fig, ax = plt.subplots(figsize=(HALF_WIDTH + 0.6, 2.8), constrained_layout=True)
+    if config is not None:
+        ax.axvspan(config.ppo.kl_target_low, config.ppo.kl_target_high, color=COLORS["kl"], alpha=0.12,
+                   label="KL target band")
+    ax.plot(data["kl"], data["reward_mean"], color="lightgrey", linewidth=0.8, zorder=1)
+    points = ax.scatter(data["kl"], data["reward_mean"], c=data["step"], cmap="viridis", s=14, zorder=2)
+    fig.colorbar(points, ax=ax, label="PPO step")
+    ax.set(title="PPO: reward vs KL to SFT", xlabel="KL to SFT (nats)", ylabel="mean reward (RM score)")
+    if config is not None:
+        ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def _reward_distributions(plt, sns, generations: pd.DataFrame):
+    judges = [col for col in ("reward", "gold") if generations[col].notna().any()]
+    fig, axes = plt.subplots(1, max(len(judges), 1), figsize=(FULL_WIDTH if len(judges) > 1 else HALF_WIDTH, 2.6),
+                             constrained_layout=True, squeeze=False)
+    titles = {"reward": ("Reward model", "RM score (logit)"), "gold": ("Gold judge", "gold score")}
+    order = [p for p in POLICIES if p in set(generations["policy"])]
+    for ax, judge in zip(axes[0], judges):
+        data = generations[["policy", judge]].dropna()
+        bins = np.histogram_bin_edges(data[judge], bins=20) if len(data) else 20   # shared by all policies
+        for policy in order:
+            values = data.loc[data["policy"] == policy, judge]
+            label = f"{POLICY_LABELS[policy]} (mean {values.mean():.2f})"
+            sns.histplot(values, ax=ax, color=COLORS[policy], label=label, stat="density", element="step",
+                         fill=True, alpha=0.25, bins=bins)
+            if values.nunique() > 1:
+                sns.kdeplot(values, ax=ax, color=COLORS[policy], linewidth=1.2, warn_singular=False)
+        ax.set(title=f"{titles[judge][0]} scores of responses", xlabel=titles[judge][1], ylabel="density")
+        ax.legend(fontsize="small")
+    fig.suptitle("Reward distributions on held-out prompts: base vs SFT vs PPO")
+    return fig
+
+
+def _rm_margins(plt, sns, pairs: pd.DataFrame):
+    data = pairs[["margin", "correct"]].dropna().copy()
+    data["outcome"] = data["correct"].astype(bool).map({True: "chosen ranked higher", False: "rejected ranked higher"})
+    fig, ax = plt.subplots(figsize=(HALF_WIDTH + 0.6, 2.6), constrained_layout=True)
+    sns.histplot(data, x="margin", hue="outcome", ax=ax, bins=30, element="step",
+                 palette={"chosen ranked higher": COLORS["rm"], "rejected ranked higher": COLORS["ppo"]},
+                 hue_order=["chosen ranked higher", "rejected ranked higher"])
+    ax.axvline(0, color="black", linewidth=0.8)
+    accuracy = data["correct"].astype(float).mean() if len(data) else float("nan")
+    ax.set(title=f"Reward-model margins on held-out pairs (accuracy {accuracy:.2f})",
+           xlabel="margin r(chosen) \u2212 r(rejected) (logit)", ylabel="pairs")
+    ax.title.set_fontsize("medium")
+    return fig
+
+
+def _response_lengths(plt, sns, generations: pd.DataFrame, ppo: pd.DataFrame):
+    data = generations[["policy", "response"]].copy()
+    data["words"] = data["response"].fillna("").astype(str).str.split().str.len()
+    data["policy"] = data["policy"].map(POLICY_LABELS).fillna(data["policy"])
+    order = [POLICY_LABELS[p] for p in POLICIES if POLICY_LABELS[p] in set(data["policy"])]
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6), constrained_layout=True)
+    with warnings.catch_warnings():     # seaborn 0.13 passes matplotlib's deprecated `vert`
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sns.boxplot(data, x="policy", y="words", hue="policy", order=order, ax=axes[0], legend=False,
+                    palette={POLICY_LABELS[p]: COLORS[p] for p in POLICIES})
+    axes[0].set(title="Response length on held-out prompts", xlabel="policy", ylabel="length (words)")
+    series = _series(ppo, "response_length")
+    axes[1].plot(series["step"], series["response_length"], color=COLORS["ppo"], marker="o", markersize=2.5)
+    axes[1].set(title="Response length during PPO", xlabel="PPO step", ylabel="mean length (tokens)")
+    return fig
+
+
+def _ppo_diagnostics(plt, ppo: pd.DataFrame):
+    panels = [("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped fraction"),
+              ("value_loss", "value loss"), ("policy_loss", "policy loss"),
+              ("eos_fraction", "fraction ending with EOS"), ("kl", "KL to SFT (nats)")]
+    fig, axes = plt.subplots(2, 3, figsize=(FULL_WIDTH, 4.2), constrained_layout=True, sharex=True)
+    for ax, (column, label) in zip(axes.flat, panels):
+        series = _series(ppo, column)
+        ax.plot(series["step"], series[column], color=COLORS["ppo"], marker="o", markersize=2)
+        ax.set(title=column.replace("_", " "), ylabel=label)
+    for ax in axes[-1]:
+        ax.set_xlabel("PPO step")
+    fig.suptitle("PPO diagnostics per step")
+    return fig
+
+
+def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None = None) -> list[Path]:
+    """Write every figure as PNG and PDF into `out` (an existing folder); returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.0)
+    plt.rcParams.update({"axes.titlesize": "medium", "figure.titlesize": "large", "savefig.dpi": 200})
+
+    sft = _read_csv(metrics / "sft_history.csv", ["step", "loss"])
+    rm = _read_csv(metrics / "rm_history.csv", ["step", "loss", "accuracy"])
+    ppo = _read_csv(metrics / "ppo_history.csv", ["step", "reward_mean", "kl", "entropy", "clip_fraction",
+                                                  "value_loss", "response_length", "eos_fraction", "policy_loss"])
+    generations = _read_csv(eval_dir / "generations.csv", ["policy", "prompt", "response", "reward", "gold"])
+    pairs = _read_csv(eval_dir / "rm_pairs.csv", ["margin", "correct"])
+
+    builders = {
+        "timeline": lambda: _timeline(plt, sft, rm, ppo),
+        "reward_vs_kl": lambda: _reward_vs_kl(plt, ppo, config),
+        "reward_distributions": lambda: _reward_distributions(plt, sns, generations),
+        "rm_margins": lambda: _rm_margins(plt, sns, pairs),
+        "response_lengths": lambda: _response_lengths(plt, sns, generations, ppo),
+        "ppo_diagnostics": lambda: _ppo_diagnostics(plt, ppo),
+    }
+    written = []
+    for name in FIGURES:
+        fig = builders[name]()
+        try:
+            _save(fig, out, name)
+        finally:
+            plt.close(fig)
+        written += [out / f"{name}.png", out / f"{name}.pdf"]
+    return written
+
+
+def run(config: Config, paths: RunPaths) -> None:
+    with atomic_dir(paths.figures) as tmp:
+        written = make_figures(paths.metrics, paths.eval, tmp, config)
+    print(f"figures: wrote {len(written)} files to {paths.figures}")

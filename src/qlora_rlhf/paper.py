@@ -1,0 +1,332 @@
+"""The paper stage: every number in paper/*.tex is a macro generated here from results/<run>/.
+
+results/<run>/paper/ gets (written atomically):
+- macros.tex     \\Res... from metrics/*.json, eval/summary.csv and eval/winrate.csv;
+                 \\Cfg... from the params (setup table); one `% source` comment per macro
+- tables/*.tex   setup, training, summary and win-rate tables (cells are the macros) + samples
+- figures/*.pdf  copied from results/<run>/figures
+- the paper sources from paper/, and paper.pdf built with latexmk
+
+Macro names are letters only: `Res` + file stem + key in CamelCase (metrics/sft.json
+`perplexity_sft` -> \\ResSftPerplexitySft), `Cfg` + dotted params key (sft.learning_rate ->
+\\CfgSftLearningRate). tests/test_paper.py checks that every \\Res/\\Cfg the paper uses is generated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+PAPER_SOURCES = Path(__file__).resolve().parents[2] / "paper"
+MACRO_USE = re.compile(r"\\((?:Res|Cfg)[A-Za-z]+)")
+METRIC_FILES = ("sft", "rm", "ppo", "eval")
+POLICIES = ("base", "sft", "ppo")
+SUMMARY_COLUMNS = ("reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low", "gold_ci_high",
+                   "kl_to_sft", "response_length", "eos_fraction")
+WINRATE_COLUMNS = ("win_rate", "ci_low", "ci_high")
+INSTALL_HINT = "install it with: sudo apt-get install $(cat scripts/apt-packages.txt)"
+
+
+class PaperError(RuntimeError):
+    """The paper cannot be built: a result is missing, or the LaTeX toolchain is absent or failed."""
+
+
+@dataclass(frozen=True)
+class Macro:
+    name: str
+    value: str      # LaTeX
+    source: str     # where the value came from, e.g. "metrics/sft.json:perplexity_sft"
+
+
+# ---------------------------------------------------------------- formatting
+
+
+_WORDS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
+
+
+def camel(text: str) -> str:
+    """`reward_mean_first` -> `RewardMeanFirst`; digits become words so names stay letters only."""
+    text = re.sub(r"\d", lambda m: f"_{_WORDS[int(m.group())]}_", str(text))
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z]+", text) if part)
+
+
+def escape(text: str) -> str:
+    """Plain text -> LaTeX-safe ASCII text."""
+    text = str(text).encode("ascii", "replace").decode("ascii")
+    specials = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "<": r"\textless{}", ">": r"\textgreater{}"}
+    return "".join(specials.get(ch, ch) for ch in text)
+
+
+def fmt(value: object) -> str:
+    """A number as LaTeX text: at most about three significant digits, a real minus sign, `--` for
+    missing values."""
+    if value is None or isinstance(value, str) and value.strip() == "":
+        return "--"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return escape(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "--"
+    sign = r"\ensuremath{-}" if value < 0 else ""
+    mag = abs(value)
+    if isinstance(value, int) or (float(mag).is_integer() and mag >= 1):
+        text = f"{int(mag):d}"
+    elif mag >= 100:
+        text = f"{mag:.0f}"
+    elif mag >= 10:
+        text = f"{mag:.1f}"
+    elif mag >= 0.01 or mag == 0:
+        text = f"{mag:.2f}"
+    else:
+        mantissa, exponent = f"{mag:.1e}".split("e")
+        return rf"\ensuremath{{{'-' if value < 0 else ''}{mantissa}\times 10^{{{int(exponent)}}}}}"
+    return sign + text
+
+
+# ---------------------------------------------------------------- macros
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise PaperError(f"{path} is missing; run the stage that writes it first (dvc repro / snakemake)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PaperError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise PaperError(f"{path}: expected a JSON object of metrics")
+    return payload
+
+
+def _read_rows(path: Path, key: str, columns: tuple[str, ...]) -> dict[str, dict]:
+    if not path.is_file():
+        raise PaperError(f"{path} is missing; run the evaluate stage first")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and (missing := [c for c in (key, *columns) if c not in rows[0]]):
+        raise PaperError(f"{path}: missing column(s) {', '.join(missing)}")
+    return {row[key]: row for row in rows}
+
+
+def _flatten(prefix: str, value: object) -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [item for key, sub in value.items() for item in _flatten(f"{prefix}.{key}" if prefix else key, sub)]
+    return [(prefix, value)]
+
+
+def _config_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(escape(v) for v in value)
+    if value is None:
+        return "--"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value)
+    return escape(value)
+
+
+def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro]:
+    """Every macro the paper may use, from the contract files and the params mapping."""
+    macros: dict[str, Macro] = {}
+
+    def add(name: str, value: str, source: str) -> None:
+        if name in macros and macros[name].source != source:
+            raise PaperError(f"macro \\{name} would come from both {macros[name].source} and {source}")
+        macros[name] = Macro(name, value, source)
+
+    for stem in METRIC_FILES:
+        for key, value in _read_json(metrics / f"{stem}.json").items():
+            if isinstance(value, (int, float)) or value is None:
+                add(f"Res{camel(stem)}{camel(key)}", fmt(value), f"metrics/{stem}.json:{key}")
+    for policy, row in _read_rows(eval_dir / "summary.csv", "policy", SUMMARY_COLUMNS).items():
+        for column in SUMMARY_COLUMNS:
+            add(f"ResSummary{camel(policy)}{camel(column)}", fmt(row.get(column)), f"eval/summary.csv:{policy}.{column}")
+    for judge, row in _read_rows(eval_dir / "winrate.csv", "judge", WINRATE_COLUMNS).items():
+        for column in WINRATE_COLUMNS:
+            add(f"ResWinrate{camel(judge)}{camel(column)}", fmt(row.get(column)), f"eval/winrate.csv:{judge}.{column}")
+    for key, value in _flatten("", params):
+        add(f"Cfg{camel(key)}", _config_value(value), f"params:{key}")
+    return macros
+
+
+def render_macros(macros: dict[str, Macro]) -> str:
+    lines = ["% Generated by `qlora-rlhf paper` from results/; do not edit.", ""]
+    for macro in sorted(macros.values(), key=lambda m: m.name):
+        lines.append(f"\\newcommand{{\\{macro.name}}}{{{macro.value}}} % {macro.source}")
+    return "\n".join(lines) + "\n"
+
+
+def used_macros(folder: Path) -> set[str]:
+    return {name for tex in sorted(folder.glob("*.tex")) for name in MACRO_USE.findall(_strip_comments(tex.read_text()))}
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"(?<!\\)%.*", "", text)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _table(spec: str, header: str, rows: list[str]) -> str:
+    return "\n".join([f"\\begin{{tabular}}{{{spec}}}", r"\toprule", header + r" \\", r"\midrule",
+                      *[row + r" \\" for row in rows], r"\bottomrule", r"\end{tabular}", ""])
+
+
+def setup_table(macros: dict[str, Macro]) -> str:
+    rows = [
+        ("Base model", r"\CfgModelNameOrPath"),
+        ("Quantisation / compute dtype", r"\CfgModelQuantization{} / \CfgModelComputeDtype"),
+        ("LoRA rank / alpha / dropout", r"\CfgModelLoraR{} / \CfgModelLoraAlpha{} / \CfgModelLoraDropout"),
+        ("LoRA target modules", r"\CfgModelLoraTargetModules"),
+        ("Optimizer", r"\CfgModelOptimizer"),
+        ("Data source", r"\CfgDataSource"),
+        ("SFT / RM / PPO / eval examples", r"\CfgDataSftSize{} / \CfgDataRmSize{} / \CfgDataPpoSize{} / \CfgDataEvalSize"),
+        ("Max sequence length (tokens)", r"\CfgDataMaxLength"),
+        ("SFT steps / batch / learning rate", r"\CfgSftMaxSteps{} / \CfgSftBatchSize{} / \CfgSftLearningRate"),
+        ("RM steps / batch / learning rate", r"\CfgRmMaxSteps{} / \CfgRmBatchSize{} / \CfgRmLearningRate"),
+        ("PPO steps / batch / mini-batch / epochs", r"\CfgPpoSteps{} / \CfgPpoBatchSize{} / \CfgPpoMiniBatchSize{} / \CfgPpoPpoEpochs"),
+        ("PPO learning rate / KL coefficient", r"\CfgPpoLearningRate{} / \CfgPpoKlCoef"),
+        ("PPO KL target band", r"\CfgPpoKlTargetLow--\CfgPpoKlTargetHigh"),
+        ("PPO clip range (policy / value)", r"\CfgPpoCliprange{} / \CfgPpoCliprangeValue"),
+        ("PPO max new tokens / temperature", r"\CfgPpoMaxNewTokens{} / \CfgPpoTemperature"),
+        ("Seed", r"\CfgRunSeed"),
+    ]
+    body = [f"{label} & \\texttt{{{value}}}" if "Modules" in value or "NameOrPath" in value or "Source" in value
+            else f"{label} & {value}" for label, value in rows]
+    return "\\begin{tabularx}{\\linewidth}{@{}lX@{}}\n\\toprule\nSetting & Value \\\\\n\\midrule\n" + \
+        "\n".join(row + r" \\" for row in body) + "\n\\bottomrule\n\\end{tabularx}\n"
+
+
+def training_table() -> str:
+    rows = [
+        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps & \ResSftSeconds",
+        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps & \ResRmSeconds",
+        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps & \ResPpoSeconds",
+    ]
+    return _table("@{}llrrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps & Time (s)", rows)
+
+
+def summary_table(policies: list[str]) -> str:
+    names = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
+    rows = []
+    for policy in policies:
+        p = f"ResSummary{camel(policy)}"
+        rows.append(
+            f"{names.get(policy, escape(policy))} & \\{p}RewardMean{{}} [\\{p}RewardCiLow, \\{p}RewardCiHigh] & "
+            f"\\{p}GoldMean{{}} [\\{p}GoldCiLow, \\{p}GoldCiHigh] & \\{p}KlToSft & \\{p}ResponseLength & \\{p}EosFraction")
+    header = r"Policy & RM reward [95\% CI] & Gold score [95\% CI] & KL to SFT (nats) & Length (tokens) & EOS"
+    return _table("@{}lllrrr@{}", header, rows)
+
+
+def winrate_table(judges: list[str]) -> str:
+    names = {"reward_model": "Reward model", "gold": "Gold judge"}
+    rows = [f"{names.get(j, escape(j))} & \\ResWinrate{camel(j)}WinRate & "
+            f"[\\ResWinrate{camel(j)}CiLow, \\ResWinrate{camel(j)}CiHigh]" for j in judges]
+    return _table("@{}lrl@{}", r"Judge & PPO win rate vs SFT & 95\% CI", rows)
+
+
+def samples_table(eval_dir: Path, count: int, max_chars: int = 220) -> str:
+    path = eval_dir / "generations.csv"
+    if not path.is_file() or count <= 0:
+        return "\\emph{No sample generations.}\n"
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    prompts: list[str] = []
+    by_key: dict[tuple[str, str], str] = {}
+    for row in rows:
+        if row["prompt"] not in prompts:
+            prompts.append(row["prompt"])
+        by_key.setdefault((row["prompt"], row["policy"]), row["response"])
+
+    def cut(text: str) -> str:
+        text = " ".join(str(text or "").split())
+        return escape(text if len(text) <= max_chars else text[: max_chars - 3].rstrip() + "...")
+
+    lines = [r"\begin{tabularx}{\linewidth}{@{}>{\raggedright\arraybackslash}p{0.22\linewidth}"
+             r"*{3}{>{\raggedright\arraybackslash}X}@{}}", r"\toprule", r"Prompt & Base & SFT & PPO \\", r"\midrule"]
+    for prompt in prompts[:count]:
+        cells = [cut(prompt.replace("Human:", "").split("Assistant:")[0] if "Assistant:" in prompt else prompt)]
+        cells += [cut(by_key.get((prompt, policy), "")) for policy in POLICIES]
+        lines.append(r"\footnotesize " + r" & \footnotesize ".join(cells) + r" \\ \addlinespace")
+    lines += [r"\bottomrule", r"\end{tabularx}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- build
+
+
+def latexmk_path() -> str:
+    found = shutil.which("latexmk")
+    if found is None:
+        raise PaperError(f"latexmk is not installed, so paper.pdf cannot be built; {INSTALL_HINT}")
+    return found
+
+
+def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
+    latexmk = latexmk_path()
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # reproducible PDF bytes
+    cmd = [latexmk, "-pdf", "-interaction=nonstopmode", "-halt-on-error", "-file-line-error", main]
+    result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
+    pdf = folder / Path(main).with_suffix(".pdf").name
+    if result.returncode != 0 or not pdf.is_file():
+        log = folder / Path(main).with_suffix(".log").name
+        tail = log.read_text(errors="replace")[-3000:] if log.is_file() else result.stdout[-3000:]
+        raise PaperError(f"latexmk failed (exit {result.returncode}) building {folder / main}:\n{tail}")
+    subprocess.run([latexmk, "-c", main], cwd=folder, env=env, capture_output=True)
+    return pdf
+
+
+def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params: dict,
+                sources: Path = PAPER_SOURCES, samples: int = 6, pdf: bool = True) -> dict[str, Macro]:
+    """Fill `out` (an existing, empty folder) with the paper; returns the macros it defined."""
+    if not (sources / "paper.tex").is_file():
+        raise PaperError(f"{sources / 'paper.tex'} is missing")
+    macros = build_macros(metrics, eval_dir, params)
+    missing = sorted(used_macros(sources) - set(macros))
+    if missing:
+        raise PaperError("the paper uses macros no result defines: " + ", ".join(f"\\{m}" for m in missing)
+                         + f" (check the keys of {metrics}/*.json and {eval_dir}/*.csv)")
+    for item in sources.iterdir():
+        if item.is_file() and not item.name.startswith(".") and item.suffix in {".tex", ".bib", ".sty", ".cls"}:
+            shutil.copy2(item, out / item.name)
+    (out / "macros.tex").write_text(render_macros(macros))
+    tables = out / "tables"
+    tables.mkdir()
+    policies = [p for p in POLICIES if f"ResSummary{camel(p)}RewardMean" in macros]
+    judges = [j for j in ("reward_model", "gold") if f"ResWinrate{camel(j)}WinRate" in macros]
+    (tables / "setup.tex").write_text(setup_table(macros))
+    (tables / "training.tex").write_text(training_table())
+    (tables / "summary.tex").write_text(summary_table(policies))
+    (tables / "winrate.tex").write_text(winrate_table(judges))
+    (tables / "samples.tex").write_text(samples_table(eval_dir, samples))
+    (out / "figures").mkdir()
+    pdfs = sorted(figures.glob("*.pdf"))
+    if not pdfs:
+        raise PaperError(f"{figures} holds no PDF figures; run the figures stage first")
+    for figure in pdfs:
+        shutil.copy2(figure, out / "figures" / figure.name)
+    if pdf:
+        build_pdf(out)
+    return macros
+
+
+def run(config, paths) -> None:
+    latexmk_path()      # fail before doing any work when the toolchain is missing
+    params = config.model_dump(mode="json", exclude={"eval"})
+    from .atomic import atomic_dir
+
+    with atomic_dir(paths.paper) as tmp:
+        write_paper(tmp, paths.metrics, paths.eval, paths.figures, params, samples=config.eval.num_sample_rows)
+    print(f"paper: wrote {paths.paper / 'paper.pdf'}")

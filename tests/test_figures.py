@@ -1,0 +1,93 @@
+"""The figures stage on fake contract files (no models): every figure appears as PNG and PDF."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+
+
+def write_fake_results(root: Path) -> Path:
+    """A results/<run>/ folder with every file the figures and paper stages read, shaped as the
+    upstream stages' contract says (history CSVs, metrics JSON, eval tables). Returns `root`."""
+    rng = random.Random(0)
+    metrics, eval_dir = root / "metrics", root / "eval"
+    metrics.mkdir(parents=True)
+    eval_dir.mkdir(parents=True)
+
+    def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    write_csv(metrics / "sft_history.csv", ["step", "loss"], [[s, 2.5 * math.exp(-s / 20) + 1.2] for s in range(2, 41, 2)])
+    write_csv(metrics / "rm_history.csv", ["step", "loss", "accuracy"],
+              [[s, 0.69 - s / 200, "" if s % 10 else 0.5 + s / 300] for s in range(2, 61, 2)])
+    write_csv(metrics / "ppo_history.csv",
+              ["step", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length",
+               "eos_fraction", "policy_loss"],
+              [[s, 2 + s / 2 + rng.gauss(0, 0.2), 0.05 + s / 50, 1.5 - s / 40, 0.1, 0.5 / s, 20 + s, 0.8, -0.01 * s]
+               for s in range(1, 13)])
+    json.dump({"perplexity_base": 12.04, "perplexity_sft": 3.41, "train_loss_first": 2.5, "train_loss_last": 1.2,
+               "steps": 40, "seconds": 81.2}, (metrics / "sft.json").open("w"))
+    json.dump({"accuracy": 0.72, "margin_mean": 0.83, "train_loss_first": 0.69, "train_loss_last": 0.35,
+               "steps": 60, "seconds": 95.0}, (metrics / "rm.json").open("w"))
+    json.dump({"reward_mean_first": 2.0, "reward_mean_last": 8.0, "kl_last": 0.25, "steps": 12, "seconds": 300.5},
+              (metrics / "ppo.json").open("w"))
+    json.dump({"sft_perplexity": 3.41, "base_perplexity": 12.04, "rm_accuracy": 0.72, "rm_margin_mean": 0.83,
+               "ppo_reward_mean": 7.5, "sft_reward_mean": 2.1, "base_reward_mean": -0.4, "ppo_gold_mean": 0.61,
+               "sft_gold_mean": 0.42, "winrate_rm": 0.81, "winrate_gold": 0.64, "ppo_kl_to_sft": 0.27},
+              (metrics / "eval.json").open("w"))
+    write_csv(eval_dir / "summary.csv",
+              ["policy", "reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low",
+               "gold_ci_high", "kl_to_sft", "response_length", "eos_fraction"],
+              [["base", -0.4, -0.6, -0.2, 0.3, 0.25, 0.35, 1.8, 31.0, 0.4],
+               ["sft", 2.1, 1.9, 2.3, 0.42, 0.38, 0.46, 0.0, 24.5, 0.9],
+               ["ppo", 7.5, 7.1, 7.9, 0.61, 0.57, 0.65, 0.27, 22.0, 0.95]])
+    write_csv(eval_dir / "winrate.csv", ["judge", "win_rate", "ci_low", "ci_high"],
+              [["reward_model", 0.81, 0.72, 0.89], ["gold", 0.64, 0.55, 0.73]])
+    rows = []
+    for i in range(16):
+        prompt = f"\n\nHuman: question #{i} about 50% of $x_1 & {{y}}?\n\nAssistant:"
+        for policy, shift in (("base", -0.4), ("sft", 2.1), ("ppo", 7.5)):
+            rows.append([policy, prompt, "word " * rng.randint(3, 30) + "caf\u00e9 \u2014 done_",
+                         shift + rng.gauss(0, 1), 0.4 + shift / 20 + rng.gauss(0, 0.1)])
+    write_csv(eval_dir / "generations.csv", ["policy", "prompt", "response", "reward", "gold"], rows)
+    write_csv(eval_dir / "rm_pairs.csv", ["margin", "correct"],
+              [[m, int(m > 0)] for m in (rng.gauss(0.8, 1.0) for _ in range(64))])
+    return root
+
+
+def test_figures_written_as_png_and_pdf(tmp_path):
+    from qlora_rlhf.figures import FIGURES, make_figures
+
+    results = write_fake_results(tmp_path / "run")
+    out = tmp_path / "figures"
+    out.mkdir()
+    written = make_figures(results / "metrics", results / "eval", out)
+    expected = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
+    assert {p.name for p in written} == expected
+    assert {p.name for p in out.iterdir()} == expected
+    for path in written:
+        assert path.stat().st_size > 1000, path
+    assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "timeline.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_run_writes_atomically_into_results(tmp_path, monkeypatch):
+    from qlora_rlhf import figures
+    from qlora_rlhf.paths import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    write_fake_results(paths.root)
+    (paths.eval / "rm_pairs.csv").unlink()
+    with pytest.raises(figures.FiguresError, match="rm_pairs.csv is missing"):
+        figures.run(None, paths)
+    assert not paths.figures.exists()
+    assert not [p for p in paths.root.iterdir() if p.name.startswith(".figures")]

@@ -1,0 +1,143 @@
+"""The paper's numbers all come from generated macros: every \\Res.../\\Cfg... used in paper/*.tex is
+defined by the generator and traces to a metric key (or a params key); the PDF builds with latexmk
+on fake results where LaTeX is installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_figures import write_fake_results  # noqa: E402
+
+from qlora_rlhf import paper  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = REPO / "paper"
+
+
+@pytest.fixture
+def params() -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.pop("eval")          # the paper stage's params: run, model, data, sft, rm, ppo
+    return raw
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    return write_fake_results(tmp_path / "run")
+
+
+def _trace(macro: paper.Macro, results: Path, params: dict) -> object:
+    """The raw value a macro's `source` points at, read straight from the file it names."""
+    kind, key = macro.source.rsplit(":", 1) if not macro.source.startswith("params:") else ("params", macro.source[7:])
+    if kind == "params":
+        value = params
+        for part in key.split("."):
+            value = value[part]
+        return value
+    path = results / kind
+    if path.suffix == ".json":
+        return json.loads(path.read_text())[key]
+    row_key, column = key.split(".")
+    first = "policy" if path.name == "summary.csv" else "judge"
+    rows = {row[first]: row for row in csv.DictReader(path.open())}
+    return rows[row_key][column]
+
+
+def test_every_macro_the_paper_uses_is_generated_and_traced(results, params):
+    macros = paper.build_macros(results / "metrics", results / "eval", params)
+    used = paper.used_macros(SOURCES)
+    # the generated tables use macros too
+    tables = paper.setup_table(macros) + paper.training_table() + paper.summary_table(list(paper.POLICIES)) \
+        + paper.winrate_table(["reward_model", "gold"])
+    used |= set(paper.MACRO_USE.findall(tables))
+    assert used, "the paper uses no generated macros"
+    assert sorted(used - set(macros)) == []
+    for name in used:
+        macro = macros[name]
+        assert re.fullmatch(r"[A-Za-z]+", name)
+        raw = _trace(macro, results, params)
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            assert macro.value == paper.fmt(raw)
+        elif isinstance(raw, str) and re.fullmatch(r"-?[\d.eE+-]+", raw):
+            assert macro.value == paper.fmt(raw)
+
+
+def test_paper_sources_hold_no_literal_results():
+    """Numbers in prose would bypass the generator: only layout numbers (widths, 95% CI) are allowed."""
+    for tex in SOURCES.glob("*.tex"):
+        text = paper._strip_comments(tex.read_text())
+        text = re.sub(r"\[[^\]]*\]", "", text)                       # optional args: widths, margins
+        text = re.sub(r"\{(0?\.\d+)?\\linewidth\}", "", text)
+        text = re.sub(r"95\\%|4-bit|_\d", "", text)                   # method facts, math subscripts
+        numbers = re.findall(r"(?<![A-Za-z\\])\d+(?:\.\d+)?", text)
+        assert numbers == [], f"{tex.name}: literal numbers {numbers}"
+
+
+def test_macros_file_defines_each_macro_once(results, params):
+    macros = paper.build_macros(results / "metrics", results / "eval", params)
+    text = paper.render_macros(macros)
+    names = re.findall(r"\\newcommand\{\\([A-Za-z]+)\}", text)
+    assert len(names) == len(set(names)) == len(macros)
+    assert r"\newcommand{\ResSftPerplexitySft}{3.41}" in text
+    assert r"\newcommand{\ResEvalWinrateGold}{0.64}" in text
+    assert r"\newcommand{\CfgSftLearningRate}{\ensuremath{2.0\times 10^{-4}}}" in text
+
+
+def test_formatting():
+    assert paper.fmt(3.4123) == "3.41"
+    assert paper.fmt(-0.4) == r"\ensuremath{-}0.40"
+    assert paper.fmt(12.04) == "12.0"
+    assert paper.fmt(40) == "40"
+    assert paper.fmt(float("nan")) == "--"
+    assert paper.fmt("") == "--"
+    assert paper.camel("reward_mean_first") == "RewardMeanFirst"
+    assert paper.camel("top_5") == "TopFive"
+    assert paper.escape("50% of $x_1 & {y}") == r"50\% of \$x\_1 \& \{y\}"
+
+
+def test_missing_metric_key_is_a_clear_error(results, params, tmp_path):
+    data = json.loads((results / "metrics" / "rm.json").read_text())
+    del data["accuracy"]
+    (results / "metrics" / "rm.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(paper.PaperError, match=r"\\ResRmAccuracy"):
+        paper.write_paper(out, results / "metrics", results / "eval", results / "figures", params, pdf=False)
+
+
+def test_missing_latexmk_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(paper.shutil, "which", lambda name: None)
+    with pytest.raises(paper.PaperError, match=r"apt-get install \$\(cat scripts/apt-packages.txt\)"):
+        paper.latexmk_path()
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk is not installed")
+def test_pdf_builds_on_fake_results(results, params, tmp_path):
+    pytest.importorskip("seaborn")
+    from qlora_rlhf.config import Config
+    from qlora_rlhf.paths import RunPaths
+
+    config = Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text()))
+    paths = RunPaths(results)
+    from qlora_rlhf import figures
+
+    figures.run(config, paths)
+    paper.run(config, paths)
+    out = paths.paper
+    assert (out / "paper.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (out / "paper.pdf").stat().st_size > 50_000
+    assert (out / "macros.tex").is_file()
+    for table in ("setup", "training", "summary", "winrate", "samples"):
+        assert (out / "tables" / f"{table}.tex").is_file()
+    assert not list(out.glob("*.aux"))
+    log = (out / "paper.log") if (out / "paper.log").exists() else None
+    assert log is None or "Undefined control sequence" not in log.read_text(errors="replace")
