@@ -65,6 +65,12 @@ def load_tokenizer(source: str | Path):
     return fix_pad_token(tokenizer)
 
 
+def _looks_local(source: str | Path) -> bool:
+    """A path rather than a hub id ("org/name"): it exists, is absolute or relative, or has more than one '/'."""
+    text = str(source)
+    return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
+
+
 # ------------------------------------------------------------------ base stage
 def _convert_embedded(out: Path) -> None:
     """GGUF -> plain safetensors directory. A GGUF-loaded model refuses save_pretrained, so its
@@ -84,6 +90,10 @@ def _convert_embedded(out: Path) -> None:
 def run_base(config: Config, paths: RunPaths) -> Path:
     """Write results/<run>/base: the model directory (embedded) or a pointer (hub id / local dir)."""
     source = config.model.name_or_path
+    if source != EMBEDDED_MODEL and _looks_local(source) and not (Path(source) / "config.json").is_file():
+        what = ("holds no config.json" if Path(source).is_dir()
+                else "is not a folder" if Path(source).exists() else "does not exist")
+        raise ModelError(f"model.name_or_path={source!r} is a path but {what} (expected a Hugging Face model folder)")
     tokenizer = load_tokenizer(source)
     with atomic_dir(paths.base_model) as out:
         if source == EMBEDDED_MODEL:
@@ -91,8 +101,6 @@ def run_base(config: Config, paths: RunPaths) -> Path:
             tokenizer.save_pretrained(out / "model")
             location = "model"
         else:
-            if Path(source).exists() and not (Path(source) / "config.json").is_file():
-                raise ModelError(f"model.name_or_path={source!r} is a path but holds no config.json")
             location = source  # hub id or local dir: loaded in place (hub cache for large models)
         (out / "base.json").write_text(json.dumps({"name_or_path": source, "location": location}, indent=2))
     return paths.base_model
@@ -122,21 +130,25 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
     """Load a causal LM ("causal") or a one-logit scorer ("score") in NF4 or full precision,
     ready for k-bit LoRA training when `trainable`."""
     from peft import prepare_model_for_kbit_training
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if _looks_local(path) and not Path(path).is_dir():
+        raise ModelError(f"cannot load the model at {path}: no such folder (run the stage that writes it first)")
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {"pad_token_id": pad_token_id} | ({} if kind == "causal" else {"num_labels": 1})
     try:
         model = cls.from_pretrained(
             str(path), quantization_config=quantization_config(config), dtype=compute_dtype(config),
             device_map={"": device()}, **extra)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"cannot load the model at {path}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from None
     if trainable and config.model.quantization == "nf4":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.model.gradient_checkpointing)
+            model, use_gradient_checkpointing=config.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})  # torch warns that the implicit default goes away
     elif trainable and config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
