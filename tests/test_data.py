@@ -233,3 +233,121 @@ def test_failed_run_keeps_previous_output(write_params, tmp_path):
     with pytest.raises(DataError):
         _run(write_params, **{"data.source": str(path)})
     assert read_json(paths.manifest) == manifest
+
+
+# ------------------------------------------------------------------ atomic outputs (every stage writes through these)
+import errno  # noqa: E402
+import os  # noqa: E402
+
+from qlora_rlhf.atomic import SaveError, atomic_dir, atomic_file, write_json  # noqa: E402
+
+
+def _previous(tmp_path) -> Path:
+    target = tmp_path / "out"
+    with atomic_dir(target) as out:
+        (out / "result.txt").write_text("previous")
+    return target
+
+
+def _leftovers(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_dir_replaces_the_whole_folder(tmp_path):
+    target = _previous(tmp_path)
+    with atomic_dir(target) as out:
+        assert out != target and out.parent == target.parent
+        (out / "new.txt").write_text("new")
+        assert (target / "result.txt").read_text() == "previous"  # untouched until the body ends
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_atomic_dir_body_raises_keeps_previous(tmp_path, error):
+    target = _previous(tmp_path)
+    with pytest.raises(type(error)):
+        with atomic_dir(target) as out:
+            (out / "result.txt").write_text("half")
+            raise error
+    assert (target / "result.txt").read_text() == "previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_disk_full_in_body(tmp_path):
+    target = _previous(tmp_path)
+    with pytest.raises(SaveError, match="could not write .*out.*left as it was"):
+        with atomic_dir(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (target / "result.txt").read_text() == "previous"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_atomic_dir_rename_fails_keeps_previous(tmp_path, monkeypatch, failing):
+    """A full disk (or any OSError) while swapping the folders: SaveError, the previous output stays."""
+    target = _previous(tmp_path)
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        # "first": moving the previous output aside; "last": moving the new folder into place
+        if (failing == "first" and self == target) or (failing == "last" and self.name.startswith(".out.tmp-")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(SaveError) as info:
+        with atomic_dir(target) as out:
+            (out / "result.txt").write_text("new")
+    assert info.value.__cause__.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert (target / "result.txt").read_text() == "previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_recovers_a_run_killed_between_renames(tmp_path):
+    target = _previous(tmp_path)
+    target.rename(tmp_path / ".out.old")  # what a kill between the two renames leaves
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):
+            raise RuntimeError("this run fails too")
+    assert (target / "result.txt").read_text() == "previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        target = _previous(tmp_path)
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(old_umask)
+    assert target.stat().st_mode & 0o777 == 0o755  # mkdtemp alone would give 0700
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0600
+
+
+def test_atomic_file_replace_fails_keeps_previous(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"reward": 1.0})
+
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SaveError, match="metrics.json"):
+        write_json(target, {"reward": 2.0})
+    monkeypatch.undo()
+    assert read_json(target) == {"reward": 1.0}
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_file_body_raises_keeps_previous(tmp_path):
+    target = tmp_path / "table.csv"
+    with atomic_file(target) as handle:
+        handle.write("a,b\n1,2\n")
+    with pytest.raises(ValueError):
+        with atomic_file(target) as handle:
+            handle.write("half")
+            raise ValueError("bad row")
+    assert target.read_text() == "a,b\n1,2\n"
+    assert _leftovers(tmp_path) == []

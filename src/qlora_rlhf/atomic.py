@@ -16,20 +16,35 @@ class SaveError(OSError):
     """Writing an output failed; the previous output, if any, is left intact."""
 
 
+def _default_mode(directory: bool) -> int:
+    """The permissions a plain mkdir/open would give (mkdtemp/mkstemp make 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():  # a run killed between the two renames: put it back
+        old.rename(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
+        tmp.chmod(_default_mode(directory=True))
         if old.exists():
             shutil.rmtree(old)
         if target.exists():
             target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if old.exists() and not target.exists():
+                old.rename(target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -49,6 +64,7 @@ def atomic_file(target: Path, mode: str = "w") -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
