@@ -19,11 +19,18 @@ def _problems(path) -> list[str]:
     return lines
 
 
-def test_shipped_params_files_are_valid():
-    for name in ("params.yaml", "configs/smoke.yaml"):
-        config = load_config(REPO / name)
-        assert isinstance(config, Config)
-    assert load_config(REPO / "configs" / "smoke.yaml").run.name == "smoke"
+PARAMS_FILES = ["params.yaml"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")
+                                        if not p.name.endswith(".expected.yaml"))  # expected results, not params
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_shipped_params_files_are_valid(name):
+    assert isinstance(load_config(REPO / name), Config)
+
+
+def test_profiles_have_distinct_run_names():
+    names = [load_config(REPO / name).run.name for name in PARAMS_FILES]
+    assert "configs/smoke.yaml" in PARAMS_FILES and len(set(names)) == len(names)  # one results folder each
 
 
 def test_write_params_fixture_is_valid(write_params):
