@@ -3,6 +3,8 @@ half-written file or folder that looks finished."""
 
 from __future__ import annotations
 
+from .errors import SaveError  # noqa: F401  (re-exported)
+
 import json
 import os
 import shutil
@@ -12,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class SaveError(OSError):
-    """Writing an output failed; the previous output, if any, is left intact."""
 
 
 def _default_mode(directory: bool) -> int:

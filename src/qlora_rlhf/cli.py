@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from .config import ConfigError, check_runtime, load_config
+from .errors import UserError
 from .paths import RunPaths
 
 # verb -> (module, help); each module has run(config, paths)
@@ -24,15 +25,6 @@ STAGES = {
     "paper": ("qlora_rlhf.paper", "LaTeX macros and tables from the results; the PDF where latexmk exists"),
     "plan-memory": ("qlora_rlhf.memory", "expected peak memory per stage for a params file"),
 }
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .atomic import SaveError
-    from .data import DataError
-    from .models import ModelError
-    from .training import TrainingError
-
-    return (ConfigError, DataError, ModelError, SaveError, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(STAGES[args.verb][0])
         extra = {"budget_gib": args.budget_gib} if args.verb == "plan-memory" else {}
         module.run(config, RunPaths.of(config), **extra)
-    except _user_errors() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:

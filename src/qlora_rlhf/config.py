@@ -6,6 +6,8 @@ line per problem, each naming the dotted key and what is allowed.
 
 from __future__ import annotations
 
+from .errors import ConfigError  # noqa: F401  (re-exported)
+
 from pathlib import Path
 from typing import Literal
 
@@ -15,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
-class ConfigError(ValueError):
-    """A params file that cannot drive a run; the message names the key and what is allowed."""
 
 
 class _Section(BaseModel):

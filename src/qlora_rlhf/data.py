@@ -3,6 +3,8 @@ deterministic, prompt-disjoint subsets (sft / rm / ppo) plus a held-out eval spl
 
 from __future__ import annotations
 
+from .errors import DataError  # noqa: F401  (re-exported)
+
 import gzip
 import hashlib
 import json
@@ -19,8 +21,6 @@ from .hh import Pair, parse_row
 from .paths import RunPaths
 
 
-class DataError(ValueError):
-    """The source cannot give the subsets asked for; the message says why."""
 
 
 # ------------------------------------------------------------------ sources

@@ -3,6 +3,8 @@ LoRA via peft. The embedded default is SmolLM2-135M-Instruct from the llm-smollm
 
 from __future__ import annotations
 
+from .errors import ModelError  # noqa: F401  (re-exported)
+
 import importlib.util
 import json
 from pathlib import Path
@@ -14,8 +16,6 @@ from .config import EMBEDDED_MODEL, Config
 from .paths import RunPaths
 
 
-class ModelError(ValueError):
-    """A model or tokenizer that cannot be loaded; the message says which and why."""
 
 
 def device() -> torch.device:

@@ -14,6 +14,8 @@ Macro names are letters only: `Res` + file stem + key in CamelCase (metrics/sft.
 
 from __future__ import annotations
 
+from .errors import PaperError  # noqa: F401  (re-exported)
+
 import csv
 import json
 import math
@@ -34,8 +36,6 @@ WINRATE_COLUMNS = ("win_rate", "ci_low", "ci_high")
 INSTALL_HINT = "install it with: sudo apt-get install $(cat scripts/apt-packages.txt)"
 
 
-class PaperError(RuntimeError):
-    """The paper cannot be built: a result is missing, or the LaTeX toolchain is absent or failed."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ checkpoints, held-out perplexity, the non-finite guard and merging an adapter in
 
 from __future__ import annotations
 
+from .errors import TrainingError  # noqa: F401  (re-exported)
+
 import json
 import math
 import time
@@ -17,8 +19,6 @@ from .config import Config
 from .paths import RunPaths
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, KL explosion, missing input); the message names the step."""
 
 
 def check_finite(step: int, **values: float) -> None:

@@ -1,0 +1,131 @@
+"""The three training stages and evaluation end to end on a tiny random Llama (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import smoke_params
+from qlora_rlhf import data, evaluate, ppo, reward, sft
+from qlora_rlhf.actor import ActorCritic, token_logprobs
+from qlora_rlhf.config import Config
+from qlora_rlhf.models import base_location, load_tokenizer, run_base
+from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.training import TrainingError
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_dir):
+    """data -> base -> sft -> rm -> ppo -> evaluate, once for the module."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = Config.model_validate(smoke_params(tiny_model_dir, root / "results"))
+    paths = RunPaths.of(config)
+    data.run(config, paths, load_tokenizer(tiny_model_dir))
+    run_base(config, paths)
+    results = {"sft": sft.run(config, paths), "rm": reward.run(config, paths), "ppo": ppo.run(config, paths),
+               "eval": evaluate.run(config, paths)}
+    return config, paths, results
+
+
+def test_sft_writes_a_loadable_adapter_and_finite_metrics(pipeline):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, paths, results = pipeline
+    metrics = results["sft"]
+    assert all(math.isfinite(metrics[k]) for k in ("perplexity_base", "perplexity_sft", "train_loss_last"))
+    assert metrics["steps"] == config.sft.max_steps
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_location(paths)), paths.sft / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert (paths.sft / "merged" / "model.safetensors").is_file()
+    assert list(pd.read_csv(paths.metrics / "sft_history.csv").columns) == ["step", "loss"]
+
+
+def test_reward_model_metrics_and_score_head(pipeline):
+    from safetensors import safe_open
+
+    _, paths, results = pipeline
+    assert 0.0 <= results["rm"]["accuracy"] <= 1.0 and math.isfinite(results["rm"]["margin_mean"])
+    with safe_open(str(paths.rm / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(k.endswith("score.weight") for k in f.keys())
+
+
+def test_ppo_history_has_every_metric_and_finite_values(pipeline):
+    config, paths, results = pipeline
+    history = pd.read_csv(paths.metrics / "ppo_history.csv")
+    expected = {"reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "eos_fraction"}
+    assert expected <= set(history.columns)
+    assert len(history) == config.ppo.steps
+    assert history[sorted(expected)].map(math.isfinite).all().all()
+    assert history["kl"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: the policy is the SFT model
+    assert (paths.ppo / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_reference_is_the_sft_policy_at_step_zero(pipeline):
+    """A fresh policy adapter is zero-initialised: its log-probs equal the reference's (KL = 0),
+    and the reference is SFT (merged), not the pre-SFT base."""
+    config, paths, _ = pipeline
+    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    enc = ac.tokenizer(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."], return_tensors="pt")
+    ids, mask = enc.input_ids, enc.attention_mask
+    with torch.no_grad():  # as in the rollout (bitsandbytes takes another kernel when inputs need grad)
+        policy_logits, _ = ac.forward(ids, mask)
+        with ac.reference():
+            ref_logits, _ = ac.forward(ids, mask)
+    policy_lp, ref_lp = (token_logprobs(x[:, :-1], ids[:, 1:], 1.0) for x in (policy_logits, ref_logits))
+    assert torch.allclose(policy_lp, ref_lp, atol=1e-5)
+    trained = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", policy_adapter=paths.ppo / "adapter",
+                               trainable=False)
+    with torch.no_grad(), trained.reference():
+        trained_ref, _ = trained.forward(ids, mask)
+    assert torch.allclose(trained_ref, ref_logits, atol=1e-4)  # disabling the PPO adapter gives back SFT
+
+
+def test_evaluation_tables(pipeline):
+    _, paths, results = pipeline
+    summary = pd.read_csv(paths.eval / "summary.csv")
+    assert list(summary["policy"]) == ["base", "sft", "ppo"]
+    assert summary.loc[summary.policy == "sft", "kl_to_sft"].item() == pytest.approx(0.0, abs=1e-6)
+    assert {"reward_model", "gold"} == set(pd.read_csv(paths.eval / "winrate.csv")["judge"])
+    for name in ("summary.tex", "winrate.tex", "samples.tex", "generations.csv", "rm_pairs.csv"):
+        assert (paths.eval / name).stat().st_size > 0
+    eval_metrics = json.loads(paths.stage_metrics("eval").read_text())
+    assert 0.0 <= eval_metrics["rm_accuracy"] <= 1.0
+    assert eval_metrics["winrate_rm"] == results["eval"]["winrate_rm"]
+
+
+def test_ppo_guard_stops_on_non_finite_loss_and_keeps_the_last_good_checkpoint(pipeline, monkeypatch):
+    config, paths, _ = pipeline
+    root = paths.checkpoints("ppo")
+    kept = sorted(p.name for p in root.glob("step-*"))
+    longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": config.ppo.steps + 1})})
+    real_update = ppo.update
+    monkeypatch.setattr(ppo, "update", lambda *a: real_update(*a) | {"policy_loss": float("nan")})
+    with pytest.raises(TrainingError, match=rf"step {config.ppo.steps + 1}: non-finite policy_loss"):
+        ppo.run(longer, paths)
+    assert sorted(p.name for p in root.glob("step-*")) == kept
+
+
+def test_ppo_guard_stops_on_kl_explosion(pipeline, monkeypatch):
+    config, paths, _ = pipeline
+    longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": config.ppo.steps + 1, "max_kl": 0.5})})
+    real_rollout = ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a: real_rollout(*a) | {"kl": torch.full((config.ppo.batch_size,), 9.0)})
+    with pytest.raises(TrainingError, match=rf"step {config.ppo.steps + 1}: KL to the reference 9.00 exceeds ppo.max_kl"):
+        ppo.run(longer, paths)
+
+
+def test_sft_history_callback_stops_on_non_finite_loss(pipeline):
+    from qlora_rlhf.training import HistoryCallback
+
+    class State:
+        global_step = 7
+
+    callback = HistoryCallback(history=None, keys=("loss",))
+    with pytest.raises(TrainingError, match="step 7: non-finite loss"):
+        callback.on_log(None, State(), None, logs={"loss": float("inf")})
