@@ -8,28 +8,11 @@ import math
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from conftest import smoke_params
-from qlora_rlhf import data, evaluate, ppo, reward, sft
+from qlora_rlhf import ppo
 from qlora_rlhf.actor import ActorCritic, token_logprobs
-from qlora_rlhf.config import Config
-from qlora_rlhf.models import base_location, load_tokenizer, run_base
-from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.models import base_location
 from qlora_rlhf.training import TrainingError
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
-    """data -> base -> sft -> rm -> ppo -> evaluate, once for the module."""
-    root = tmp_path_factory.mktemp("pipeline")
-    config = Config.model_validate(smoke_params(tiny_model_dir, root / "results"))
-    paths = RunPaths.of(config)
-    data.run(config, paths, load_tokenizer(tiny_model_dir))
-    run_base(config, paths)
-    results = {"sft": sft.run(config, paths), "rm": reward.run(config, paths), "ppo": ppo.run(config, paths),
-               "eval": evaluate.run(config, paths)}
-    return config, paths, results
 
 
 def test_sft_writes_a_loadable_adapter_and_finite_metrics(pipeline):
@@ -129,3 +112,28 @@ def test_sft_history_callback_stops_on_non_finite_loss(pipeline):
     callback = HistoryCallback(history=None, keys=("loss",))
     with pytest.raises(TrainingError, match="step 7: non-finite loss"):
         callback.on_log(None, State(), None, logs={"loss": float("inf")})
+
+
+@pytest.mark.slow
+def test_a_second_run_gives_identical_data_hashes_and_metrics(pipeline, tmp_path, tiny_model_dir):
+    """Seeds everywhere: on the CPU the whole pipeline is bit-for-bit repeatable (timings aside)."""
+    from conftest import smoke_params
+    from qlora_rlhf import data, evaluate, reward, sft
+    from qlora_rlhf.config import Config
+    from qlora_rlhf.models import load_tokenizer, run_base
+    from qlora_rlhf.paths import RunPaths
+
+    _, first, _ = pipeline
+    config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results"))
+    paths = RunPaths.of(config)
+    data.run(config, paths, load_tokenizer(tiny_model_dir))
+    run_base(config, paths)
+    for stage in (sft, reward, ppo, evaluate):
+        stage.run(config, paths)
+    manifest = lambda p: json.loads(p.manifest.read_text())["subsets"]  # noqa: E731
+    assert manifest(paths) == manifest(first)
+    for stage in ("sft", "rm", "ppo", "eval"):
+        again, before = (json.loads(p.stage_metrics(stage).read_text()) for p in (paths, first))
+        again.pop("seconds", None), before.pop("seconds", None)
+        assert again == before, stage
+    assert pd.read_csv(paths.metrics / "ppo_history.csv").equals(pd.read_csv(first.metrics / "ppo_history.csv"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .actor import ActorCritic, forward, response_mask, sample, token_logprobs
 from .atomic import atomic_dir, write_json
@@ -37,7 +38,7 @@ def rollouts(name: str, policy, ac: ActorCritic, prompts: list[str], config: Con
     """Generate with one policy role; score with the reward model; log-probs under it and under SFT."""
     tok, cfg, rows = ac.tokenizer, config.eval, []
     torch.manual_seed(config.run.seed)  # the same sampling noise for every policy
-    for start in range(0, len(prompts), 8):
+    for start in tqdm(range(0, len(prompts), 8), desc=f"evaluate {name}", unit="batch"):
         batch = prompts[start : start + 8]
         with policy():
             query, query_mask, response = sample(ac.model if name != "base" else policy.model, tok, batch,

@@ -90,9 +90,10 @@ class HistoryCallback(TrainerCallback):
 
 
 def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+    """The newest complete Trainer checkpoint: trainer_state.json is written last, so a checkpoint
+    cut off by a kill is skipped."""
+    done = [p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:

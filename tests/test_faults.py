@@ -1,0 +1,64 @@
+"""Faults: a kill -9 during SFT, RM or PPO, then the same command again, resumes from the last
+checkpoint and finishes with complete outputs; a half-written output never looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import smoke_params
+
+LONG = {"sft": {"sft.max_steps": 30, "sft.save_steps": 2}, "rm": {"rm.max_steps": 30, "rm.save_steps": 2},
+        "ppo": {"ppo.steps": 6, "ppo.save_steps": 1}}
+FIRST_CHECKPOINT = {"sft": ("checkpoint-2", 2), "rm": ("checkpoint-2", 2), "ppo": ("step-000001/state.json", 1)}
+NEEDS = {"sft": ("data", "base"), "rm": ("data", "base", "sft"), "ppo": ("data", "base", "sft", "rm")}
+
+
+def _cli(params: Path, verb: str) -> list[str]:
+    return [sys.executable, "-m", "qlora_rlhf", verb, "--params", str(params)]
+
+
+def _history_steps(run: Path, stage: str) -> list[int]:
+    lines = (run / "checkpoints" / stage / "history.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_path, tiny_model_dir):
+    _, paths, _ = pipeline
+    run = tmp_path / "results" / "smoke"
+    for needed in NEEDS[stage]:  # inputs from the finished tiny pipeline
+        shutil.copytree(paths.root / needed, run / needed)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **LONG[stage])))
+
+    proc = subprocess.Popen(_cli(params, stage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint, checkpoint_step = FIRST_CHECKPOINT[stage]
+    marker = run / "checkpoints" / stage / checkpoint
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "no checkpoint appeared before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
+    assert not (run / stage).exists(), "a killed stage must not leave an output that looks finished"
+    steps_before_kill = _history_steps(run, stage)
+
+    done = subprocess.run(_cli(params, stage), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_steps = _history_steps(run, stage)[len(steps_before_kill):]
+    assert resumed_steps and resumed_steps[0] > checkpoint_step, f"restarted from scratch: {resumed_steps[:5]}"
+    metrics = json.loads((run / "metrics" / f"{stage}.json").read_text())
+    assert metrics["steps"] == next(iter(LONG[stage].values()))
+    assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()
