@@ -137,3 +137,18 @@ def test_a_second_run_gives_identical_data_hashes_and_metrics(pipeline, tmp_path
         again.pop("seconds", None), before.pop("seconds", None)
         assert again == before, stage
     assert pd.read_csv(paths.metrics / "ppo_history.csv").equals(pd.read_csv(first.metrics / "ppo_history.csv"))
+
+
+@pytest.mark.parametrize("stage, missing", [(ppo, "rm"), (ppo, "sft")])
+def test_a_stage_without_its_trained_inputs_names_the_stage_to_run_first(pipeline, tmp_path, stage, missing):
+    import shutil
+
+    config, paths, _ = pipeline
+    moved = config.model_copy(update={"run": config.run.model_copy(update={"results_dir": str(tmp_path)})})
+    for name in ("data", "base", "sft", "rm"):
+        if name != missing:
+            shutil.copytree(paths.root / name, tmp_path / config.run.name / name)
+    from qlora_rlhf.paths import RunPaths
+
+    with pytest.raises(TrainingError, match=f"run the {missing} stage first"):
+        stage.run(moved, RunPaths.of(moved))
