@@ -19,7 +19,9 @@ from conftest import smoke_params
 
 LONG = {"sft": {"sft.max_steps": 30, "sft.save_steps": 2}, "rm": {"rm.max_steps": 30, "rm.save_steps": 2},
         "ppo": {"ppo.steps": 6, "ppo.save_steps": 1}}
-FIRST_CHECKPOINT = {"sft": ("checkpoint-2", 2), "rm": ("checkpoint-2", 2), "ppo": ("step-000001/state.json", 1)}
+# a complete checkpoint: Trainer writes trainer_state.json last, PPO its state.json inside an atomic rename
+FIRST_CHECKPOINT = {"sft": ("checkpoint-2/trainer_state.json", 2), "rm": ("checkpoint-2/trainer_state.json", 2),
+                    "ppo": ("step-000001/state.json", 1)}
 NEEDS = {"sft": ("data", "base"), "rm": ("data", "base", "sft"), "ppo": ("data", "base", "sft", "rm")}
 
 
@@ -62,3 +64,15 @@ def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_p
     metrics = json.loads((run / "metrics" / f"{stage}.json").read_text())
     assert metrics["steps"] == next(iter(LONG[stage].values()))
     assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
+    from qlora_rlhf.training import last_checkpoint
+
+    for step, complete in ((2, True), (4, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_checkpoint(tmp_path / "missing") is None

@@ -68,31 +68,30 @@ def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):
     data = _series(rm, "loss")
     ax.plot(data["step"], data["loss"], color=COLORS["rm"], marker="o", markersize=2.5, label="loss")
     ax.set(title="2. Reward model", xlabel="optimizer step", ylabel="pairwise loss (nats)")
-    acc = _series(rm, "accuracy")
-    if len(acc):
-        twin = ax.twinx()
-        twin.plot(acc["step"], acc["accuracy"], color="black", linestyle="--", marker="s", markersize=2.5,
-                  label="accuracy")
-        twin.set_ylabel("pairwise accuracy")
-        twin.grid(False)
+    twin = _twin_line(ax, _series(rm, "accuracy"), "accuracy", "black", "accuracy", "pairwise accuracy")
+    if twin is not None:
         twin.set_ylim(0, 1.02)
         twin.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
-        _joint_legend(ax, twin)
 
     ax = axes[2]
     data = _series(ppo, "reward_mean")
     ax.plot(data["step"], data["reward_mean"], color=COLORS["ppo"], marker="o", markersize=2.5, label="reward")
     ax.set(title="3. PPO", xlabel="PPO step", ylabel="mean reward (RM score)")
-    kl = _series(ppo, "kl")
-    if len(kl):
-        twin = ax.twinx()
-        twin.plot(kl["step"], kl["kl"], color=COLORS["kl"], linestyle="--", marker="s", markersize=2.5,
-                  label="KL to SFT")
-        twin.set_ylabel("KL to SFT (nats)")
-        twin.grid(False)
-        _joint_legend(ax, twin)
+    _twin_line(ax, _series(ppo, "kl"), "kl", COLORS["kl"], "KL to SFT", "KL to SFT (nats)")
     fig.suptitle("Training metrics timeline: SFT \u2192 reward model \u2192 PPO")
     return fig
+
+
+def _twin_line(ax, data: pd.DataFrame, column: str, color, label: str, ylabel: str):
+    """A dashed second series on a right-hand axis, sharing one legend; None when there is no data."""
+    if not len(data):
+        return None
+    twin = ax.twinx()
+    twin.plot(data["step"], data[column], color=color, linestyle="--", marker="s", markersize=2.5, label=label)
+    twin.set_ylabel(ylabel)
+    twin.grid(False)
+    _joint_legend(ax, twin)
+    return twin
 
 
 def _joint_legend(ax, twin) -> None:
@@ -125,14 +124,16 @@ def _reward_distributions(plt, sns, generations: pd.DataFrame):
     for ax, judge in zip(axes[0], judges):
         data = generations[["policy", judge]].dropna()
         bins = np.histogram_bin_edges(data[judge], bins=20) if len(data) else 20   # shared by all policies
+        stat = "probability" if judge == "gold" else "density"  # gold scores are 0/1: show shares, no smoothing
         for policy in order:
             values = data.loc[data["policy"] == policy, judge]
             label = f"{POLICY_LABELS[policy]} (mean {values.mean():.2f})"
-            sns.histplot(values, ax=ax, color=COLORS[policy], label=label, stat="density", element="step",
+            sns.histplot(values, ax=ax, color=COLORS[policy], label=label, stat=stat, element="step",
                          fill=True, alpha=0.25, bins=bins)
-            if values.nunique() > 1:
+            if judge != "gold" and values.nunique() > 1:
                 sns.kdeplot(values, ax=ax, color=COLORS[policy], linewidth=1.2, warn_singular=False)
-        ax.set(title=f"{titles[judge][0]} scores of responses", xlabel=titles[judge][1], ylabel="density")
+        ax.set(title=f"{titles[judge][0]} scores of responses", xlabel=titles[judge][1],
+               ylabel="share of responses" if judge == "gold" else "density")
         ax.legend(fontsize="small")
     fig.suptitle("Reward distributions on held-out prompts: base vs SFT vs PPO")
     return fig
