@@ -127,18 +127,19 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     return enc.input_ids, enc.attention_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
+def _after_first_eos(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    is_eos = response == eos_id
+    return (is_eos.cumsum(1) - is_eos.long()) > 0
+
+
 def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """Keep tokens up to and including the first EOS; pad the rest."""
-    is_eos = response == eos_id
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return response.masked_fill(after, pad_id)
+    return response.masked_fill(_after_first_eos(response, eos_id), pad_id)
 
 
 def response_mask(response: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """1 for real response tokens (through the first EOS), 0 for padding."""
-    is_eos = response == eos_id
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return (~after & ((response != pad_id) | is_eos)).long()
+    return (~_after_first_eos(response, eos_id) & ((response != pad_id) | (response == eos_id))).long()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

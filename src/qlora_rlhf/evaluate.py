@@ -5,6 +5,8 @@ win rate of PPO over SFT under both judges, response length, and sample generati
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pandas as pd
 import torch
@@ -34,20 +36,20 @@ def sequence_logprob(model, ids, mask, response, start: int, temperature: float)
 
 
 @torch.no_grad()
-def rollouts(name: str, policy, ac: ActorCritic, prompts: list[str], config: Config) -> pd.DataFrame:
-    """Generate with one policy role; score with the reward model; log-probs under it and under SFT."""
+def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config: Config) -> pd.DataFrame:
+    """Generate with one policy (`model` inside the context `role()`); score with the reward model;
+    log-probs under that policy and under SFT."""
     tok, cfg, rows = ac.tokenizer, config.eval, []
     torch.manual_seed(config.run.seed)  # the same sampling noise for every policy
     for start in tqdm(range(0, len(prompts), 8), desc=f"evaluate {name}", unit="batch"):
         batch = prompts[start : start + 8]
-        with policy():
-            query, query_mask, response = sample(ac.model if name != "base" else policy.model, tok, batch,
-                                                 cfg.max_new_tokens, cfg.temperature)
+        with role():
+            query, query_mask, response = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature)
         resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
         ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
         first = query.shape[1] - 1
-        with policy():
-            own = sequence_logprob(ac.model if name != "base" else policy.model, ids, mask, response, first, cfg.temperature)
+        with role():
+            own = sequence_logprob(model, ids, mask, response, first, cfg.temperature)
         with ac.reference():
             sft = sequence_logprob(ac.model, ids, mask, response, first, cfg.temperature)
         scores = ac.reward(ids, mask)
@@ -60,16 +62,6 @@ def rollouts(name: str, policy, ac: ActorCritic, prompts: list[str], config: Con
     return pd.DataFrame(rows)
 
 
-class _Role:
-    """A callable context that selects a policy role (base model, SFT, PPO) for `rollouts`."""
-
-    def __init__(self, context_factory, model=None):
-        self.context_factory, self.model = context_factory, model
-
-    def __call__(self):
-        return self.context_factory()
-
-
 def run(config: Config, paths: RunPaths) -> dict:
     seed_everything(config)
     sft_model = require(paths.sft / "merged", "sft")
@@ -79,10 +71,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     base = load_model(base_location(paths), config, tok.pad_token_id, kind="causal", trainable=False)
     held_out = read_split(paths, "eval")[: config.eval.num_prompts]
     prompts = [r["prompt"] for r in held_out]
-    from contextlib import nullcontext
-
-    roles = {"base": _Role(nullcontext, base), "sft": _Role(ac.reference), "ppo": _Role(nullcontext)}
-    generations = pd.concat([rollouts(name, role, ac, prompts, config) for name, role in roles.items()])
+    roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
+    generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
 
     chosen = [r["chosen"] for r in held_out]
     perplexity = {"base": completion_perplexity(base, tok, prompts, chosen)}
