@@ -1,4 +1,4 @@
-"""Synthetic hh-format data: deterministic, parseable, 1-3 turns, and the gold judge agrees with the labels."""
+"""Synthetic hh-format data: deterministic, parseable, 1-2 turns, and the gold judge agrees with the labels."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_deterministic_for_a_seed():
     assert synthetic.generate(0, seed=7) == []
 
 
-def test_rows_parse_and_have_one_to_three_turns():
+def test_rows_parse_and_have_one_or_two_turns():
     rows = synthetic.generate(500, seed=3)
     assert len(rows) == 500 and all(set(row) == {"chosen", "rejected"} for row in rows)
     turns = set()
@@ -24,7 +24,7 @@ def test_rows_parse_and_have_one_to_three_turns():
         assert pair.chosen.startswith(" ") and pair.rejected.startswith(" ")
         assert pair.prompt.count(HUMAN) == pair.prompt.count(ASSISTANT)
         turns.add(pair.prompt.count(HUMAN))
-    assert turns == {1, 2, 3}
+    assert turns == {1, 2}
 
 
 def test_all_categories_appear():
@@ -63,3 +63,9 @@ def test_gold_judge_on_other_text():
 def test_gold_judge_abstains_on_real_prompts_that_look_synthetic(ask):
     # such prompts occur in real hh-rlhf; the judge must say "not mine", never crash or guess
     assert synthetic.gold_score(f"{HUMAN} {ask}{ASSISTANT}", " Sure, about 150.") is None
+
+
+def test_some_rejected_replies_answer_another_question():
+    rows = [parse_row(row) for row in synthetic.generate(400, seed=5)]
+    off_topic = [p for p in rows if p.rejected.strip() in {q.chosen.strip() for q in rows} and p.rejected != p.chosen]
+    assert 0.1 < len(off_topic) / len(rows) < 0.4

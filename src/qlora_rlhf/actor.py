@@ -63,8 +63,11 @@ class ActorCritic:
         hidden, dtype = base.config.hidden_size, getattr(torch, config.model.compute_dtype)
         device = next(model.parameters()).device
         reward_head = _score_head(rm_adapter, hidden, dtype, device)
+        # The value head starts at zero: the reward head reads the reward adapter's hidden states, not the
+        # policy's, so copying it gives noise, not a baseline. With lam=1 the first advantages are then the
+        # (whitened) returns themselves, and the baseline is learned from there.
         value_head = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
-        value_head.weight.data.copy_(reward_head.weight.data)  # value starts as the reward model's head
+        nn.init.zeros_(value_head.weight)
         return cls(model, value_head, reward_head, tokenizer)
 
     @property
@@ -99,7 +102,7 @@ class ActorCritic:
     def reward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reward-model score at the last real token of each sequence."""
         with self.adapter(REWARD):
-            _, hidden = self.forward(ids, mask)
+            _, hidden = forward(self.model, ids, mask, logits=False)
         last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
         return self.reward_head(hidden[torch.arange(len(ids)), last].to(self.reward_head.weight.dtype))[:, 0].float()
 
@@ -108,23 +111,32 @@ class ActorCritic:
         return sample(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
 
 
-def forward(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Logits and final hidden states over left-padded sequences (positions count real tokens only)."""
+def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits: bool = True):
+    """Logits and final hidden states over left-padded sequences (positions count real tokens only).
+    Without `logits` only the last position's logits are computed: a scorer needs the hidden states,
+    and the vocabulary projection is a fifth of a small model's forward."""
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                **({} if logits else {"logits_to_keep": 1}))
     return out.logits, out.hidden_states[-1]
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float):
-    """Sample responses; returns (query ids, query mask, response ids truncated after EOS and padded)."""
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, logprobs: bool = False):
+    """Sample responses; returns (query ids, query mask, response ids truncated after EOS and padded),
+    plus, with `logprobs`, each response token's log-prob under the sampling distribution, taken from
+    generate's own logits (no second forward pass)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     model.eval()
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                         top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    response = out[:, enc.input_ids.shape[1] :]
-    return enc.input_ids, enc.attention_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                         top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         return_dict_in_generate=True, output_logits=logprobs)
+    response = out.sequences[:, enc.input_ids.shape[1] :]
+    result = (enc.input_ids, enc.attention_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    if logprobs:
+        result += (token_logprobs(torch.stack(out.logits, 1), response, temperature),)
+    return result
 
 
 def _after_first_eos(response: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -129,6 +129,7 @@ class PPOConfig(_Section):
 
 class EvalConfig(_Section):
     num_prompts: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     temperature: float = Field(gt=0.0)
     bootstrap_samples: int = Field(ge=100)

@@ -38,25 +38,26 @@ def sequence_logprob(model, ids, mask, response, start: int, temperature: float)
 @torch.no_grad()
 def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config: Config) -> pd.DataFrame:
     """Generate with one policy (`model` inside the context `role()`); score with the reward model;
-    log-probs under that policy and under SFT."""
+    KL to SFT from the log-probs under that policy and under SFT (0 by definition for SFT itself)."""
     tok, cfg, rows = ac.tokenizer, config.eval, []
+    is_sft = role == ac.reference
     torch.manual_seed(config.run.seed)  # the same sampling noise for every policy
-    for start in tqdm(range(0, len(prompts), 8), desc=f"evaluate {name}", unit="batch"):
-        batch = prompts[start : start + 8]
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"evaluate {name}", unit="batch"):
+        batch = prompts[start : start + cfg.batch_size]
         with role():
-            query, query_mask, response = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature)
+            query, query_mask, response, own = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature, logprobs=True)
         resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
         ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
-        first = query.shape[1] - 1
-        with role():
-            own = sequence_logprob(model, ids, mask, response, first, cfg.temperature)
-        with ac.reference():
-            sft = sequence_logprob(ac.model, ids, mask, response, first, cfg.temperature)
+        kl = torch.zeros(len(batch))
+        if not is_sft:
+            with ac.reference():
+                sft = sequence_logprob(ac.model, ids, mask, response, query.shape[1] - 1, cfg.temperature)
+            kl = (own * resp_mask).sum(1) - sft
         scores = ac.reward(ids, mask)
         for i, prompt in enumerate(batch):
             text = tok.decode(response[i][resp_mask[i].bool()], skip_special_tokens=True)
             rows.append({"policy": name, "prompt": prompt, "response": text, "reward": scores[i].item(),
-                         "gold": gold_score(prompt, text), "kl_to_sft": (own[i] - sft[i]).item(),
+                         "gold": gold_score(prompt, text), "kl_to_sft": kl[i].item(),
                          "response_length": int(resp_mask[i].sum()),
                          "ends_with_eos": bool((response[i] == tok.eos_token_id).any())})
     return pd.DataFrame(rows)
@@ -75,10 +76,11 @@ def run(config: Config, paths: RunPaths) -> dict:
     generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
 
     chosen = [r["chosen"] for r in held_out]
-    perplexity = {"base": completion_perplexity(base, tok, prompts, chosen)}
+    batch = config.eval.batch_size
+    perplexity = {"base": completion_perplexity(base, tok, prompts, chosen, batch)}
     with ac.reference():
-        perplexity["sft"] = completion_perplexity(ac.model, tok, prompts, chosen)
-    perplexity["ppo"] = completion_perplexity(ac.model, tok, prompts, chosen)
+        perplexity["sft"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
+    perplexity["ppo"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
 
     def score(texts):
         enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)

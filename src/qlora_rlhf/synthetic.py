@@ -2,12 +2,17 @@
 programmatic gold judge, so evaluation can report true improvement and not only the learned
 reward model's opinion.
 
-Each dialogue has 1 to 3 turns; the last turn carries the preference:
-- arithmetic: the correct sum/difference versus a wrong one;
-- units: a correct unit conversion versus a wrong one;
+Each dialogue has 1 or 2 turns (short, so the embedded default trains in minutes on a CPU); the
+last turn carries the preference:
+- arithmetic: the correct sum/difference of one-digit numbers versus a wrong one;
+- units: a correct unit conversion versus one that is not a multiple of the factor;
 - words: the correct opposite of a word versus a wrong word;
 - harmful: a polite refusal versus compliance (the compliance text itself stays harmless);
 - help: a helpful answer versus a rude or evasive reply.
+
+In a quarter of the non-help rows the rejected reply is instead a correct answer to a *different*
+question (off-topic, or a needless refusal), so the reward model learns that an answer must fit the
+question, and PPO cannot win by copying the phrasing of the best-rewarded category.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ RUDE_MARKERS = ("figure it out", "go away", "stupid", "don't care", "not my prob
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)  # facts a 135M model can check
     op, value = rng.choice([("plus", a + b), ("minus", a - b)])
     wrong = value + rng.choice([-3, -2, -1, 1, 2, 3])
     ask = f"What is {a} {op} {b}?"
@@ -73,7 +78,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
 def _units(rng: random.Random) -> tuple[str, str, str]:
     big, small, factor = rng.choice(UNITS)
     n = rng.randint(2, 9)
-    wrong = n * factor + rng.choice([-factor // 2 or -1, factor // 2 or 1, factor])
+    wrong = n * factor + rng.choice([-1, 1]) * factor // 2  # never (n ± 1) × factor, a right answer to another question
     ask = f"How many {small} are in {n} {big}?"
     return ask, f" There are {n * factor} {small} in {n} {big}.", f" There are {wrong} {small} in {n} {big}."
 
@@ -95,6 +100,15 @@ def _help(rng: random.Random) -> tuple[str, str, str]:
 
 
 CATEGORIES = {"arithmetic": _arithmetic, "units": _units, "words": _words, "harmful": _harmful, "help": _help}
+OFF_TOPIC_SHARE = 0.25
+
+
+def _off_topic(rng: random.Random, category: str, prompt: str) -> str:
+    """The preferred reply to a question of another category that is wrong for `prompt`."""
+    while True:
+        _, reply, _ = CATEGORIES[rng.choice([c for c in sorted(CATEGORIES) if c != category])](rng)
+        if gold_score(prompt, reply) == 0.0:
+            return reply
 
 
 def generate(n_rows: int, seed: int) -> list[dict[str, str]]:
@@ -104,11 +118,14 @@ def generate(n_rows: int, seed: int) -> list[dict[str, str]]:
     names = sorted(CATEGORIES)
     for _ in range(n_rows):
         prompt = ""
-        for _ in range(rng.randint(0, 2)):  # 1 to 3 turns in all
+        for _ in range(rng.randint(0, 1)):  # 1 or 2 turns in all
             ask, good, _ = CATEGORIES[rng.choice(["arithmetic", "units", "words", "help"])](rng)
             prompt += f"{HUMAN} {ask}{ASSISTANT}{good}"
-        ask, chosen, rejected = CATEGORIES[rng.choice(names)](rng)
+        category = rng.choice(names)
+        ask, chosen, rejected = CATEGORIES[category](rng)
         prompt += f"{HUMAN} {ask}{ASSISTANT}"
+        if category != "help" and rng.random() < OFF_TOPIC_SHARE:  # help's judge accepts any polite answer
+            rejected = _off_topic(rng, category, prompt)
         rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
     return rows
 
