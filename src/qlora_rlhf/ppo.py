@@ -22,7 +22,8 @@ from .atomic import atomic_dir, read_json, write_json
 from .config import Config, PPOConfig
 from .data import read_split
 from .paths import RunPaths
-from .training import History, Timer, TrainingError, check_finite, require, seed_everything, write_metrics
+from .training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, seed_everything,
+                       write_metrics)
 
 KEEP_CHECKPOINTS = 2
 
@@ -152,7 +153,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     seed_everything(config)
     sft_model, rm_adapter = require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm")
     prompts = [r["prompt"] for r in read_split(paths, "ppo")]
-    root = paths.checkpoints("ppo")
+    root = checkpoints_for(paths, "ppo", config, [paths.split("ppo"), paths.sft / "adapter" / "adapter_model.safetensors",
+                                                  rm_adapter / "adapter_model.safetensors"])
     resume = latest_checkpoint(root)
     ac = ActorCritic.load(config, sft_model, rm_adapter, policy_adapter=resume / "adapter" if resume else None)
     optimizer = make_optimizer(config, ac.policy_parameters())

@@ -12,7 +12,7 @@ from .config import Config
 from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, Timer, match_trainable_dtype, last_checkpoint, require, seed_everything, trainer_args,
+from .training import (History, HistoryCallback, Timer, checkpoints_for, match_trainable_dtype, last_checkpoint, require, seed_everything, trainer_args,
                        write_metrics)
 
 
@@ -46,6 +46,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     held_out = read_split(paths, "eval")
 
     model = load_model(sft_model, config, tokenizer.pad_token_id, kind="score")
+    checkpoints_for(paths, "rm", config, [paths.split("rm"), paths.sft / "adapter" / "adapter_model.safetensors"])
     history = History(paths, "rm")
     args = RewardConfig(**trainer_args(config, paths, "rm"), disable_dropout=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,

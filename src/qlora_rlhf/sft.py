@@ -11,7 +11,7 @@ from .config import Config
 from .data import read_split
 from .models import base_location, load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, Timer, match_trainable_dtype, completion_perplexity, last_checkpoint, merge_adapter,
+from .training import (History, HistoryCallback, Timer, checkpoints_for, match_trainable_dtype, completion_perplexity, last_checkpoint, merge_adapter,
                        require, seed_everything, trainer_args, write_metrics)
 
 
@@ -28,6 +28,7 @@ def run(config: Config, paths: RunPaths) -> dict:
 
     model = load_model(base, config, tokenizer.pad_token_id, kind="causal")
     perplexity_base = completion_perplexity(model, tokenizer, prompts, chosen)
+    checkpoints_for(paths, "sft", config, [paths.split("sft")])
     history = History(paths, "sft")
     args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from .errors import TrainingError  # noqa: F401  (re-exported)
 
+import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -148,6 +150,23 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config,
     merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
     merged.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Path]) -> Path:
+    """The stage's checkpoint folder, emptied first when its checkpoints come from other params or
+    other inputs: re-running after a kill resumes, re-running after a change starts over (the folder
+    is not a DVC output, so DVC does not clear it)."""
+    root = paths.checkpoints(stage)
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    for path in inputs:
+        digest.update(path.read_bytes())
+    stamp = root / "fingerprint"
+    if root.exists() and (not stamp.is_file() or stamp.read_text() != digest.hexdigest()):
+        print(f"{stage}: params or inputs changed since the checkpoints in {root} were written; starting over")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest.hexdigest())
+    return root
 
 
 class Timer:
