@@ -89,7 +89,9 @@ def test_macros_file_defines_each_macro_once(results, params):
     assert len(names) == len(set(names)) == len(macros)
     assert r"\newcommand{\ResSftPerplexitySft}{3.41}" in text
     assert r"\newcommand{\ResEvalWinrateGold}{0.64}" in text
-    assert r"\newcommand{\CfgSftLearningRate}{\ensuremath{2.0\times 10^{-4}}}" in text
+    lr = params["sft"]["learning_rate"]  # params.yaml's value, rendered in scientific notation
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    assert rf"\newcommand{{\CfgSftLearningRate}}{{\ensuremath{{{mantissa}\times 10^{{{int(exponent)}}}}}}}" in text
 
 
 def test_formatting():
