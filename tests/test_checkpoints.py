@@ -44,3 +44,10 @@ def test_checkpoints_without_a_fingerprint_are_not_trusted(write_params, tmp_pat
     config, paths, data = _setup(write_params, tmp_path)
     (paths.checkpoints("sft") / "checkpoint-4").mkdir(parents=True)
     assert not (checkpoints_for(paths, "sft", config, [data]) / "checkpoint-4").exists()
+
+
+def test_a_longer_run_resumes(write_params, tmp_path):
+    config, paths, data = _setup(write_params, tmp_path)
+    (checkpoints_for(paths, "ppo", config, [data]) / "step-000002").mkdir()
+    longer, paths, _ = _setup(write_params, tmp_path, **{"ppo.steps": config.ppo.steps + 5, "ppo.max_kl": 3.0})
+    assert (checkpoints_for(paths, "ppo", longer, [data]) / "step-000002").is_dir()

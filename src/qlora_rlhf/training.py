@@ -152,12 +152,19 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config,
     tokenizer.save_pretrained(out)
 
 
+UNFINGERPRINTED = ("steps", "save_steps", "logging_steps", "max_kl")
+
+
 def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Path]) -> Path:
     """The stage's checkpoint folder, emptied first when its checkpoints come from other params or
     other inputs: re-running after a kill resumes, re-running after a change starts over (the folder
     is not a DVC output, so DVC does not clear it)."""
     root = paths.checkpoints(stage)
-    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    params = config.model_dump(mode="json")
+    for section in params.values():  # lengthening a run or changing its guard or logging does not alter the earlier steps
+        for key in UNFINGERPRINTED:
+            section.pop(key, None)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for path in inputs:
         digest.update(path.read_bytes())
     stamp = root / "fingerprint"
