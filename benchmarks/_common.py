@@ -89,15 +89,72 @@ def with_overrides(config, **sections):
     return config
 
 
+def code_version() -> dict:
+    """The commit measured, and which of the files that decide the numbers differed from it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.rstrip("\n")
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "uncommitted": git("status", "--porcelain", "--", "src", "params.yaml", "configs").splitlines()}
+    except OSError:
+        return {}
+
+
 def write(name: str, payload: dict) -> Path:
     from qlora_rlhf.atomic import write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"{name}.json"
-    write_json(target, payload | {"machine": machine(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(target, payload | {"machine": machine(), "code": code_version(),
+                                  "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     print(f"wrote {target.relative_to(REPO)}")
     return target
 
 
 def dumps(payload: dict) -> str:
     return json.dumps(payload, indent=2, default=str)
+
+
+# ------------------------------------------------------------------ measuring in a fresh process
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new interpreter (spawn), so each measurement starts from the same clean heap
+    and imports; fn must be a module-level function of an importable module."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-memory high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """VmHWM: the kernel's exact peak resident set size since the last reset_peak_rss()."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: timings taken while other work ran are not comparable."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

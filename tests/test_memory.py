@@ -129,3 +129,26 @@ def test_run_prints_table_and_writes_json(tmp_path, paper, capsys):
     assert written["lora_params"] == result["lora_params"]
     ppo = written["stages"]["ppo"]
     assert sum(ppo["components_bytes"].values()) / memory.GIB == pytest.approx(ppo["peak_memory_gib"], rel=1e-6)
+
+
+def test_ppo_total_is_static_plus_its_largest_phase(paper):
+    ppo = memory.plan(paper, LLAMA2_7B)["ppo"]
+    phases = {name: sum(ppo[k] for k in keys) for name, keys in memory.PPO_PHASES.items()}
+    static = sum(v for k, v in ppo.items() if not any(k in keys for keys in memory.PPO_PHASES.values())
+                 and k != "phases_not_concurrent")
+    assert sum(ppo.values()) == pytest.approx(static + max(phases.values()))
+    assert ppo["phases_not_concurrent"] == pytest.approx(max(phases.values()) - sum(phases.values()))
+
+
+def test_sft_logits_are_one_chunk_of_trl_chunked_loss(paper):
+    # SFTTrainer's default loss_type "chunked_nll" never builds batch x seq x vocab logits
+    small, large = (memory.plan(_with(paper, "sft", batch_size=b), LLAMA2_7B)["sft"]["logits"] for b in (4, 64))
+    assert small == large == 4 * 256 * LLAMA2_7B.vocab_size * 4
+
+
+def test_dropout_and_cpu_masks_add_activation_memory(paper):
+    args = (paper, LLAMA2_7B, 4, 512)
+    without = memory.activations(*args, dropout=False, lora_bytes=4, device="cuda")
+    cuda = memory.activations(*args, dropout=True, lora_bytes=4, device="cuda")
+    cpu = memory.activations(*args, dropout=True, lora_bytes=4, device="cpu")
+    assert without < cuda < cpu

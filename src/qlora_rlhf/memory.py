@@ -1,11 +1,12 @@
 """Expected peak memory of each stage (sft, rm, ppo) from the model's architecture and the params,
 without downloading any weights: `qlora-rlhf plan-memory [--params ...] [--budget-gib 24]`.
 
-The model is the design note's memory table, computed instead of copied. Every component is in
-bytes; a stage's total is the plain sum of its components, so the PPO total adds generation's
-KV cache to training's activations (as the note's table does) although the two phases do not
-overlap: for PPO the total is an upper bound. Assumptions, each matching how this project loads
-models (qlora_rlhf.models.load_model):
+The model is the design note's memory table, computed instead of copied, and checked against
+measured steps by benchmarks/memory_vs_plan.py. Every component is in bytes and a stage's total is
+the sum of its components. PPO's three phases (generation, rollout scoring, update) do not
+overlap in time, so its table carries one negative entry, `phases_not_concurrent`, that removes
+all but the largest phase: the total is the static memory plus the largest phase. Assumptions,
+each matching how this project loads and trains models (qlora_rlhf.models, sft, reward, ppo):
 
 - Quantized linear weights: NF4 with double quantization = 4 bits + an 8-bit absmax per block of
   64 + an fp32 constant per 256 blocks = 4.127 bits per parameter. lm_head is never quantized.
@@ -13,21 +14,34 @@ models (qlora_rlhf.models.load_model):
   norms) to fp32, and bitsandbytes returns each layer's output in its input's dtype, so with NF4
   the residual stream, the activations and the KV cache are fp32 (4 bytes) even with a bf16
   compute dtype. Without quantization everything is in the compute dtype.
-- LoRA weights and their gradients are fp32 (peft's autocast_adapter_dtype); paged AdamW 8-bit
-  keeps two 8-bit states per parameter (+ an fp32 absmax per 256), adamw_torch two fp32 states.
-- Activations with gradient checkpointing: each layer's input hidden state is kept, one layer's
-  activations are recomputed during backward (counted twice: the tensors and their gradients at
-  the peak), and the logits batch x seq x vocab are fp32 (x2 for SFT: logits and their gradient;
-  x3 for PPO: logits, log-probabilities/entropy, gradient). Without checkpointing every layer
-  keeps its activations. Attention is SDPA (no seq x seq matrix kept).
-- PPO uses ONE shared 4-bit base: the policy is a trainable LoRA adapter plus a value head, the
-  reference is the same base with the adapter disabled, the reward model is a second (frozen)
-  named LoRA adapter plus a score head. Base weights are counted once. The value head runs a
-  second forward over the backbone (TRL's policy-and-value wrapper), counted as its own
-  activations. Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new
-  tokens) x batch, plus the stacked per-step logits; the rollout scoring pass keeps full logits.
+- LoRA weights and gradients: SFT and RM cast them to the compute dtype (training.match_trainable_dtype),
+  PPO keeps peft's fp32. Paged AdamW 8-bit keeps two 8-bit states per parameter (+ an fp32 absmax
+  per 256), adamw_torch two fp32 states.
+- Activations: what autograd saves per layer and token (layer_activation_bytes_per_token, checked
+  with torch.autograd.graph.saved_tensors_hooks on SmolLM2). LoRA dropout is active in SFT only:
+  RewardTrainer(disable_dropout=True) and the PPO policy adapter (dropout 0) run without it. Without
+  gradient checkpointing every layer keeps its tensors (+ one layer's gradients at the peak); with
+  it each layer keeps its input and one layer is recomputed (counted twice). Attention is SDPA.
+- The device matters in one place: dropout on a CPU multiplies by a noise tensor of the input's
+  dtype and keeps it for backward, on CUDA it keeps a 1-byte mask. Unless given, the device
+  follows the project's convention (params.yaml): float32 compute on a CPU, bf16/fp16 on a GPU.
+- Logits are fp32. SFT: TRL's SFTTrainer (loss_type "chunked_nll", its default) never builds the
+  full batch x seq x vocab logits; it computes lm_head + cross-entropy 256 tokens at a time under
+  checkpointing, and one chunk's backward holds 4 copies (log-probs and their exp kept for the
+  entropy metric, the log-probs' and the logits' gradients). RM: a one-logit score head.
+- PPO uses ONE shared 4-bit base: the policy is a trainable LoRA adapter plus a value head read off
+  the same forward's last hidden state, the reference is the base with the adapter disabled, the
+  reward model a second (frozen) named adapter plus a score head. Base weights are counted once.
+  Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch.
+  Rollout scoring (ppo.rollout) keeps the policy's and the reference's full logits while the
+  reward pass (last position's logits only) holds every layer's hidden state (output_hidden_states)
+  and one layer's transient MLP tensors. The update holds one mini-batch's full logits (the
+  forward's, then the gradient of the response slice) plus 3 response-slice copies (scaled logits,
+  log-softmax, gradient).
 - framework_overhead: a fixed 0.5 GiB for the CUDA context and allocator slack (or, on a CPU, the
-  interpreter and libraries). Benchmarks that read torch.cuda.max_memory_allocated leave it out.
+  interpreter and libraries: about 0.45-0.53 GiB of RSS after importing torch/transformers/peft/trl).
+  Benchmarks that read torch.cuda.max_memory_allocated leave it out. Not modelled: the C
+  allocator's retention on a CPU (glibc keeps freed heap memory; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -171,19 +185,61 @@ def _act_bytes(config: Config) -> int:
     return 4 if config.model.quantization == "nf4" else DTYPE_BYTES[config.model.compute_dtype]
 
 
-def layer_activation_elements_per_token(arch: Architecture) -> int:
-    """Saved-for-backward elements of one decoder layer per token: norm outputs, q/k/v, attention
-    output, the MLP's gate/up/act/product, the LoRA dropout copies of each module's input, residuals."""
-    h, kvd, i = arch.hidden_size, arch.num_kv_heads * arch.head_dim, arch.intermediate_size
-    attention = 2 * h + h + 2 * kvd + h + 4 * h  # norm in/out, q, k, v, attn out, LoRA input copies (q,k,v,o)
-    mlp = 2 * h + 4 * i + 2 * h + i  # norm in/out, gate, up, act, product, LoRA copies (gate, up | down)
-    return attention + mlp
+def default_device(config: Config) -> str:
+    """The project's convention (params.yaml): float32 compute on a CPU, bf16/fp16 on a GPU."""
+    return "cpu" if config.model.compute_dtype == "float32" else "cuda"
 
 
-def activations(config: Config, arch: Architecture, sequences: int, tokens: int) -> float:
-    """Hidden-state activations of one training forward+backward over `sequences` x `tokens`."""
+def _targets(config: Config) -> set[str]:
+    targets = set(config.model.lora.target_modules)
+    return set(LINEAR_MODULES) if "all-linear" in targets else targets & set(LINEAR_MODULES)
+
+
+# Inputs that LoRA (without dropout or a dtype cast) keeps as new tensors: the normed hidden state read
+# by q/k/v, the one read by gate/up, and the MLP product read by down. o_proj reads SDPA's output,
+# which SDPA keeps anyway.
+_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
+# PPO's phases, which do not overlap in time, and their components.
+PPO_PHASES = {"generation": ("kv_cache", "prefill_working_set"),
+              "scoring": ("rollout_logits", "rollout_hidden_states", "scoring_working_set"),
+              "update": ("activations", "logits")}
+SFT_LOSS_CHUNK_TOKENS = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
+SFT_LOSS_CHUNK_COPIES = 4
+
+
+def layer_activation_bytes_per_token(config: Config, arch: Architecture, *, dropout: bool, lora_bytes: int,
+                                     device: str) -> float:
+    """Bytes one decoder layer saves for backward per token. The frozen base linears (NF4 or not)
+    save no activation; the RMSNorms keep their inputs; SDPA keeps q, k, v, its output and a
+    logsumexp per head; the MLP keeps gate, up and SiLU(gate). Each LoRA module keeps its input
+    (lora_A) and lora_A's output (lora_B): with dropout a fresh dropout output plus the dropout
+    mask, without it the tensor the module reads (shared by q/k/v and by gate/up), or peft's copy
+    of it cast to the adapter's dtype when that differs. Checked on SmolLM2 with
+    torch.autograd.graph.saved_tensors_hooks: 17,347 fp32 elements per token and layer measured
+    against 17,403 here with dropout (CPU), 10,128 against 10,107 without."""
+    ab, r = _act_bytes(config), config.model.lora.r
+    h, q, kvd = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes, targets = arch.linear_shapes(), _targets(config)
+    base = (2 * h + 2 * q + 2 * kvd + 3 * arch.intermediate_size + arch.num_heads + 2) * ab
+    inputs = sum(shapes[name][0] for name in targets)
+    if dropout:  # CPU dropout keeps a noise tensor in the input's dtype, CUDA a bool mask
+        kept = inputs * (lora_bytes + (lora_bytes if device == "cpu" else 1))
+    elif lora_bytes != ab:
+        kept = inputs * lora_bytes
+    else:
+        kept = sum(shapes[group[0]][0] for group in _SHARED_INPUTS if targets & set(group)) * ab
+    return base + kept + len(targets) * r * lora_bytes
+
+
+def activations(config: Config, arch: Architecture, sequences: int, tokens: int, *, dropout: bool | None = None,
+                lora_bytes: int | None = None, device: str | None = None) -> float:
+    """Saved activations of one training forward+backward over `sequences` x `tokens` (defaults:
+    SFT's, i.e. LoRA dropout as configured and the adapter in the compute dtype)."""
     ab = _act_bytes(config)
-    per_layer = layer_activation_elements_per_token(arch) * sequences * tokens * ab
+    per_layer = sequences * tokens * layer_activation_bytes_per_token(
+        config, arch, dropout=config.model.lora.dropout > 0 if dropout is None else dropout,
+        lora_bytes=DTYPE_BYTES[config.model.compute_dtype] if lora_bytes is None else lora_bytes,
+        device=device or default_device(config))
     if config.model.gradient_checkpointing:
         kept = arch.num_layers * sequences * tokens * arch.hidden_size * ab
         return kept + 2 * per_layer
@@ -194,42 +250,62 @@ def logits(arch: Architecture, sequences: int, tokens: int, copies: int) -> floa
     return sequences * tokens * arch.vocab_size * 4 * copies
 
 
+def sft_logits(arch: Architecture, sequences: int, tokens: int) -> float:
+    """TRL's chunked cross-entropy: one chunk of at most 256 target tokens at a time, 4 copies."""
+    return logits(arch, 1, min(SFT_LOSS_CHUNK_TOKENS, sequences * (tokens - 1)), SFT_LOSS_CHUNK_COPIES)
+
+
+def working_set(config: Config, arch: Architecture, tokens: int) -> float:
+    """One decoder layer's transient tensors in a no-grad forward: the MLP's gate, up, SiLU(gate) and
+    their product (measured on SmolLM2: 3.6 x intermediate per token for the MLP, 4.4 for the layer)."""
+    return tokens * 4 * arch.intermediate_size * _act_bytes(config)
+
+
 def kv_cache(config: Config, arch: Architecture, batch: int, tokens: int) -> float:
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * batch * _act_bytes(config)
 
 
-def _trainable(config: Config, trainable_params: int) -> dict[str, float]:
+def _trainable(config: Config, trainable_params: int, param_bytes: int) -> dict[str, float]:
     return {
-        "lora_weights": trainable_params * 4,
-        "lora_gradients": trainable_params * 4,
+        "lora_weights": trainable_params * param_bytes,
+        "lora_gradients": trainable_params * param_bytes,
         "optimizer_states": trainable_params * OPTIMIZER_BYTES_PER_PARAM[config.model.optimizer],
     }
 
 
-def plan(config: Config, arch: Architecture) -> dict[str, dict[str, float]]:
+def plan(config: Config, arch: Architecture, device: str | None = None) -> dict[str, dict[str, float]]:
     """stage -> component -> bytes; a stage's expected peak is the sum of its components."""
-    n_lora, h = lora_params(config, arch), arch.hidden_size
+    device = device or default_device(config)
+    n_lora, h, cbytes = lora_params(config, arch), arch.hidden_size, DTYPE_BYTES[config.model.compute_dtype]
     seq = config.data.max_length
-    sft = _weights(config, arch, lm_head=True) | _trainable(config, n_lora) | {
-        "activations": activations(config, arch, config.sft.batch_size, seq),
-        "logits": logits(arch, config.sft.batch_size, seq, copies=2),
+    sft = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, cbytes) | {
+        "activations": activations(config, arch, config.sft.batch_size, seq, device=device),
+        "logits": sft_logits(arch, config.sft.batch_size, seq),
         "framework_overhead": FRAMEWORK_OVERHEAD_BYTES,
     }
     pairs = 2 * config.rm.batch_size  # chosen and rejected
-    rm = _weights(config, arch, lm_head=False) | _trainable(config, n_lora + h) | {
-        "activations": activations(config, arch, pairs, seq),
+    rm = _weights(config, arch, lm_head=False) | _trainable(config, n_lora + h, cbytes) | {
+        "activations": activations(config, arch, pairs, seq, dropout=False, device=device),
         "framework_overhead": FRAMEWORK_OVERHEAD_BYTES,
     }
-    ppo_cfg = config.ppo
-    total_tokens = config.data.max_prompt_tokens + ppo_cfg.max_new_tokens
-    mini = ppo_cfg.mini_batch_size
-    ppo = _weights(config, arch, lm_head=True) | _trainable(config, n_lora + h + 1) | {
-        "reward_adapter_and_head": (n_lora + h) * 4,  # frozen second adapter on the same base
-        "activations": activations(config, arch, mini, total_tokens),
-        "value_forward_activations": activations(config, arch, mini, total_tokens),
-        "logits": logits(arch, mini, total_tokens, copies=3),
-        "kv_cache": kv_cache(config, arch, ppo_cfg.batch_size, total_tokens),
-        "rollout_logits": logits(arch, ppo_cfg.batch_size, ppo_cfg.max_new_tokens + total_tokens, copies=1),
+    cfg, act = config.ppo, _act_bytes(config)
+    new, total_tokens = cfg.max_new_tokens, config.data.max_prompt_tokens + cfg.max_new_tokens
+    phases = {  # generation, rollout scoring, update
+        "kv_cache": kv_cache(config, arch, cfg.batch_size, total_tokens),
+        "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens),
+        "rollout_logits": logits(arch, cfg.batch_size, total_tokens, copies=2),  # policy and reference
+        "rollout_hidden_states": (arch.num_layers + 1) * cfg.batch_size * total_tokens * h * act,
+        "scoring_working_set": working_set(config, arch, cfg.batch_size * total_tokens),
+        "activations": activations(config, arch, cfg.mini_batch_size, total_tokens, dropout=False, lora_bytes=4,
+                                   device=device),
+        "logits": logits(arch, cfg.mini_batch_size, total_tokens, 1) + logits(arch, cfg.mini_batch_size, new, 3),
+    }
+    peaks = [sum(phases[name] for name in names) for names in PPO_PHASES.values()]
+    ppo = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, 4) | {
+        "value_head": h * (2 * cbytes + OPTIMIZER_BYTES_PER_PARAM[config.model.optimizer]),  # weight, grad, states
+        "reward_adapter_and_head": n_lora * 4 + h * cbytes,  # frozen second adapter (peft loads it in fp32)
+    } | phases | {
+        "phases_not_concurrent": max(peaks) - sum(peaks),
         "framework_overhead": FRAMEWORK_OVERHEAD_BYTES,
     }
     return {"sft": sft, "rm": rm, "ppo": ppo}
