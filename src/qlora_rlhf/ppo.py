@@ -77,7 +77,7 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, to
     with torch.no_grad():
         logits, hidden = ac.forward(ids, mask)
         logprobs = token_logprobs(logits[:, start:-1], response, cfg.temperature)
-        values = ac.value_head(hidden[:, start:-1]).squeeze(-1).float() * resp_mask
+        values = ac.values(hidden[:, start:-1]) * resp_mask
         with ac.reference():
             ref_logits, _ = ac.forward(ids, mask)
         ref_logprobs = token_logprobs(ref_logits[:, start:-1], response, cfg.temperature)
@@ -103,7 +103,7 @@ def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str,
             logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb])
             logits = logits[:, start:-1].float() / cfg.temperature
             new_logprobs = torch.log_softmax(logits, -1).gather(-1, batch["response"][mb].unsqueeze(-1)).squeeze(-1)
-            vpred = ac.value_head(hidden[:, start:-1]).squeeze(-1).float()
+            vpred = ac.values(hidden[:, start:-1])
             m, adv, old_v, ret = batch["resp_mask"][mb], batch["advantages"][mb], batch["values"][mb], batch["returns"][mb]
             ratio = torch.exp(new_logprobs - batch["logprobs"][mb])
             pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
