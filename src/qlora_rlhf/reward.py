@@ -25,7 +25,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 8) -> list
     for start in range(0, len(texts), batch_size):
         batch = [t + tokenizer.eos_token for t in texts[start : start + batch_size]]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        scores += model(**enc).logits[:, 0].float().tolist()
+        scores += model(**enc, use_cache=False).logits[:, 0].float().tolist()
     return scores
 
 

@@ -129,7 +129,7 @@ def completion_perplexity(model, tokenizer, prompts: list[str], completions: lis
         ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch], device=device)
         labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch], device=device)
         mask = (torch.arange(width, device=device)[None] < torch.tensor([len(i) for i, _ in batch], device=device)[:, None])
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float()
         target = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                                 ignore_index=-100, reduction="sum")
