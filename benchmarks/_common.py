@@ -66,6 +66,38 @@ def tiny_model_dir(out: Path) -> Path:
     return out
 
 
+LLAMA2_7B_DIR = Path(tempfile.gettempdir()) / "qlora-rlhf-llama2-7b-random"
+
+
+def random_llama2_7b(out: Path = LLAMA2_7B_DIR, tokenizer: str | None = None) -> Path:
+    """Random weights in Llama-2-7B's shape (bf16 safetensors, ~13.5 GB; no download), drawn on the GPU
+    when there is one, saved with a tokenizer (the embedded model's unless `tokenizer` names a folder;
+    token ids stay below 32000). Kept in `out` and reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_rlhf.config import EMBEDDED_MODEL
+    from qlora_rlhf.models import load_tokenizer
+
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu").to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(tokenizer or EMBEDDED_MODEL).save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
 def model_dir(config, explicit: str | None, tiny: bool) -> Path:
     """--model, else --tiny, else the base stage's output for the params' run."""
     from qlora_rlhf.paths import RunPaths

@@ -14,7 +14,7 @@ only) the three stages of the paper profile on a random-weights model shaped lik
 
     python benchmarks/memory_vs_plan.py                                # params.yaml's model and batches
     python benchmarks/memory_vs_plan.py --tiny --steps 1 --out memory_vs_plan-smoke   # smoke run
-    python benchmarks/memory_vs_plan.py --llama7b                      # on a CUDA GPU: ~14 GB disk
+    python benchmarks/memory_vs_plan.py --llama7b --out memory_vs_plan-llama2-7b   # CUDA only: ~14 GB disk
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (REPO, dumps, in_fresh_process, model_dir, peak_rss, reset_peak_rss, rss, with_overrides,
-                     write)
+from _common import (REPO, dumps, in_fresh_process, model_dir, peak_rss, random_llama2_7b, reset_peak_rss, rss,
+                     with_overrides, write)
 
 GIB = 1024**3
 STAGES = ("sft", "rm", "ppo")
@@ -224,6 +225,8 @@ def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
 
     def run(state):
         ac, optimizer, prompts = state
+        with Peak() as generation:  # generation alone: the rollout's peak is max(generation, scoring)
+            ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
         rollout, update = [], []
         for step in range(1, steps + 1):
             torch.manual_seed(config.run.seed * 1000 + step)  # as ppo.run seeds each step
@@ -234,7 +237,8 @@ def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
                 ppo.update(ac, optimizer, batch, cfg)
             update.append(peak)
         assert batch["response"].shape[1] == cfg.max_new_tokens and bool(batch["resp_mask"].all())
-        return {"rollout": max(rollout, key=lambda p: p.bytes), "update": max(update, key=lambda p: p.bytes)}
+        return {"generation": generation, "rollout": max(rollout, key=lambda p: p.bytes),
+                "update": max(update, key=lambda p: p.bytes)}
 
     return _measure(run, load, _baseline())
 
@@ -255,7 +259,8 @@ def planned(config, arch, stage: str, device: str) -> dict:
     if stage == "ppo":
         size = {name: sum(parts[k] for k in keys) for name, keys in memory.PPO_PHASES.items()}
         static = out["planned_bytes"] - sum(size.values()) - parts["phases_not_concurrent"]
-        out["planned_phase_bytes"] = {"rollout": static + max(size["generation"], size["scoring"]),
+        out["planned_phase_bytes"] = {"generation": static + size["generation"],
+                                      "rollout": static + max(size["generation"], size["scoring"]),
                                       "update": static + size["update"]}
     return out
 
@@ -311,29 +316,6 @@ def measure_all(config, path: Path, stages, steps: int, ppo_steps: int, allocato
     return results
 
 
-def random_llama2_7b(out: Path) -> Path:
-    """Random weights in Llama-2-7B's shape, bf16, saved as safetensors (no download), with the
-    embedded model's tokenizer (the trainers need one; token ids are drawn below 32000)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qlora_rlhf.config import EMBEDDED_MODEL
-    from qlora_rlhf.models import load_tokenizer
-
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model.to_empty(device="cpu")
-    model.to(torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
-    model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(EMBEDDED_MODEL).save_pretrained(out)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -349,7 +331,9 @@ def main() -> None:
                         help="PPO steps (one = rollout + ppo_epochs x mini-batch updates; states exist after the 1st)")
     parser.add_argument("--allocators", default="allocated,rss",
                         help="CPU: allocated (RSS with glibc unmapping freed blocks), rss (default glibc), or both")
-    parser.add_argument("--llama7b", action="store_true", help="the paper profile on a random Llama-2-7B (CUDA only)")
+    parser.add_argument("--llama7b", action="store_true",
+                        help="instead of params.yaml: the paper profile on a random Llama-2-7B (CUDA only)")
+    parser.add_argument("--tokenizer", help="with --llama7b: a tokenizer folder (default: the embedded model's)")
     parser.add_argument("--out", default="memory_vs_plan")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
@@ -368,24 +352,25 @@ def main() -> None:
                               ppo={"batch_size": args.batch, "mini_batch_size": mini},
                               data={"max_length": seq, "max_prompt_tokens": min(config.data.max_prompt_tokens, seq - 1)})
 
-    config = sized(load_config(args.params))
-    path = model_dir(config, args.model, args.tiny)
-    results = {"params": args.params, "model": str(path), "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "compute_dtype": config.model.compute_dtype, "optimizer": config.model.optimizer,
-               "gradient_checkpointing": config.model.gradient_checkpointing,
-               "default": measure_all(config, path, stages, args.steps, args.ppo_steps, allocators)}
-    print("default", dumps(results["default"]))
-
     if args.llama7b:
         if not torch.cuda.is_available():
-            results["llama2_7b"] = {"skipped": "no CUDA device"}
-            print("llama2_7b: skipped (no CUDA device)")
-        else:
-            paper = sized(load_config(REPO / "configs" / "paper-llama2-7b.yaml"))
-            with tempfile.TemporaryDirectory(prefix="llama2-7b-random-") as tmp:
-                model7 = random_llama2_7b(Path(tmp))
-                results["llama2_7b"] = measure_all(paper, model7, stages, args.steps, args.ppo_steps, [])
-            print("llama2_7b", dumps(results["llama2_7b"]))
+            sys.exit("--llama7b needs a CUDA device")
+        paper = sized(load_config(REPO / "configs" / "paper-llama2-7b.yaml"))
+        model7 = random_llama2_7b(tokenizer=args.tokenizer)
+        results = {"params": "configs/paper-llama2-7b.yaml", "model": "random weights in Llama-2-7B's shape",
+                   "device": "cuda", "compute_dtype": paper.model.compute_dtype, "optimizer": paper.model.optimizer,
+                   "gradient_checkpointing": paper.model.gradient_checkpointing,
+                   "llama2_7b": measure_all(paper, model7, stages, args.steps, args.ppo_steps, [])}
+        print("llama2_7b", dumps(results["llama2_7b"]))
+    else:
+        config = sized(load_config(args.params))
+        path = model_dir(config, args.model, args.tiny)
+        results = {"params": args.params, "model": str(path),
+                   "device": "cuda" if torch.cuda.is_available() else "cpu",
+                   "compute_dtype": config.model.compute_dtype, "optimizer": config.model.optimizer,
+                   "gradient_checkpointing": config.model.gradient_checkpointing,
+                   "default": measure_all(config, path, stages, args.steps, args.ppo_steps, allocators)}
+        print("default", dumps(results["default"]))
     write(args.out, results)
 
 

@@ -9,11 +9,16 @@ bound on the stages' speed. A PPO "episode" here = one prompt: sample max_new_to
 sequence with the reference (adapter off) and the reward model, then one forward/backward of the
 policy on it.
 
-MFU = tokens/s x FLOPs per token / peak; FLOPs per token = 6N for training and 2N for generation,
-N = the matmul parameters (all linear layers + the lm_head projection), attention FLOPs left out.
+MFU = tokens/s x FLOPs per token / peak bf16 FLOP/s. N = the matmul parameters (every linear layer
+and the lm_head projection). A trained token costs 4N (forward 2N, backward to the activations 2N:
+the 4-bit base gets no weight gradient; LoRA's FLOPs are under 1 % and left out) plus attention,
+12·L·d·s (PaLM's convention: QK^T and AV over the whole sequence, forward + backward, causal mask not
+discounted); gradient checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs).
+A generated token costs 2N + 4·L·d·c, with c its context length (on average prompt + new/2).
 
     python benchmarks/throughput.py                     # params.yaml's model (run the base stage first)
     python benchmarks/throughput.py --tiny --steps 1    # smoke run on a 2-layer random Llama
+    python benchmarks/throughput.py --llama7b --out throughput-llama2-7b   # CUDA: paper profile, random 7B
     python benchmarks/throughput.py --params configs/paper-llama2-7b.yaml --model /path/to/llama --peak-tflops 165
 """
 
@@ -24,7 +29,7 @@ import time
 
 import torch
 
-from _common import default_peak_tflops, dumps, model_dir, with_overrides, write
+from _common import REPO, default_peak_tflops, dumps, model_dir, random_llama2_7b, with_overrides, write
 
 
 def _sync():
@@ -52,12 +57,25 @@ def timed(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def matmul_params(model) -> int:
-    cfg = model.config
+def architecture(path):
+    import json
+
     from qlora_rlhf.memory import Architecture
 
-    arch = Architecture.from_config_dict(cfg.to_dict())
+    return Architecture.from_config_dict(json.loads((path / "config.json").read_text()))
+
+
+def matmul_params(arch) -> int:
     return arch.linear_params + arch.vocab_size * arch.hidden_size
+
+
+def train_flops_per_token(arch, seq: int) -> float:
+    """4N + 12·L·d·s: see the module docstring."""
+    return 4 * matmul_params(arch) + 12 * arch.num_layers * arch.num_heads * arch.head_dim * seq
+
+
+def generate_flops_per_token(arch, context: float) -> float:
+    return 2 * matmul_params(arch) + 4 * arch.num_layers * arch.num_heads * arch.head_dim * context
 
 
 def main() -> None:
@@ -72,6 +90,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help="default: ppo.max_new_tokens")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--llama7b", action="store_true",
+                        help="the paper profile on random weights in Llama-2-7B's shape (CUDA; ~14 GB disk)")
+    parser.add_argument("--tokenizer", help="with --llama7b: a tokenizer folder (default: the embedded model's)")
     parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--out", default="throughput")
     args = parser.parse_args()
@@ -81,14 +102,18 @@ def main() -> None:
     from qlora_rlhf.config import load_config
     from qlora_rlhf.models import device, load_model, load_tokenizer, lora_config
 
-    config = load_config(args.params)
+    if args.llama7b and not torch.cuda.is_available():
+        raise SystemExit("--llama7b needs a CUDA device")
+    params = REPO / "configs" / "paper-llama2-7b.yaml" if args.llama7b else args.params
+    config = load_config(params)
     seq = args.seq or config.data.max_length
     config = with_overrides(config, data={"max_length": seq})
-    path = model_dir(config, args.model, args.tiny)
+    path = random_llama2_7b(tokenizer=args.tokenizer) if args.llama7b else model_dir(config, args.model, args.tiny)
+    arch = architecture(path)
     tokenizer = load_tokenizer(path)
     pad, dev = tokenizer.pad_token_id, device()
     torch.manual_seed(config.run.seed)
-    vocab = len(tokenizer)
+    vocab = min(len(tokenizer), arch.vocab_size)
     peak = args.peak_tflops or default_peak_tflops()
 
     def ids(batch: int, length: int) -> torch.Tensor:
@@ -97,13 +122,13 @@ def main() -> None:
     def mfu(tokens_per_second: float, flops_per_token: float) -> float | None:
         return None if peak is None else tokens_per_second * flops_per_token / (peak * 1e12)
 
-    results = {"params": args.params, "model": str(path), "seq": seq, "peak_tflops": peak,
+    results = {"params": str(params), "model": "random weights in Llama-2-7B's shape" if args.llama7b else str(path),
+               "seq": seq, "peak_tflops": peak, "gradient_checkpointing": config.model.gradient_checkpointing,
                "quantization": config.model.quantization, "compute_dtype": config.model.compute_dtype}
 
     # ---- SFT step: causal LM loss on B x S tokens
     b_sft = args.batch or config.sft.batch_size
     policy = get_peft_model(load_model(path, config, pad, kind="causal"), lora_config(config))
-    n = matmul_params(policy)
     opt = make_optimizer(config, policy.parameters())
     policy.train()
 
@@ -115,7 +140,8 @@ def main() -> None:
 
     seconds = timed(sft_step, args.steps, args.warmup)
     tps = b_sft * seq / seconds
-    results["sft"] = {"batch": b_sft, "seconds_per_step": seconds, "tokens_per_second": tps, "mfu": mfu(tps, 6 * n)}
+    results["sft"] = {"batch": b_sft, "seconds_per_step": seconds, "tokens_per_second": tps,
+                      "mfu": mfu(tps, train_flops_per_token(arch, seq))}
     print("sft", dumps(results["sft"]))
 
     # ---- RM step: Bradley-Terry loss on B pairs (2B sequences)
@@ -133,7 +159,7 @@ def main() -> None:
     seconds = timed(rm_step, args.steps, args.warmup)
     tps = 2 * b_rm * seq / seconds
     results["rm"] = {"pairs": b_rm, "seconds_per_step": seconds, "tokens_per_second": tps,
-                     "pairs_per_second": b_rm / seconds, "mfu": mfu(tps, 6 * n)}
+                     "pairs_per_second": b_rm / seconds, "mfu": mfu(tps, train_flops_per_token(arch, seq))}
     print("rm", dumps(results["rm"]))
 
     # ---- PPO step: generate, score (reference = adapter off, reward model), one policy update
@@ -176,9 +202,10 @@ def main() -> None:
         "prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new, "seconds_per_step": seconds,
         "episodes_per_second": prompts / seconds, "generation_share": clock["generate"] / total,
         "scoring_share": clock["score"] / total, "training_share": clock["train"] / total,
-        "generated_tokens_per_second": gen_tps, "generation_mfu": mfu(gen_tps, 2 * n)}
+        "generated_tokens_per_second": gen_tps,
+        "generation_mfu": mfu(gen_tps, generate_flops_per_token(arch, prompt_len + new / 2))}
     print("ppo", dumps(results["ppo"]))
-    results["matmul_params"] = n
+    results["matmul_params"] = matmul_params(arch)
     write(args.out, results)
 
 
