@@ -142,6 +142,35 @@ def test_nf4_lora_forward_backward_on_cpu(write_params, tiny_model_dir):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_an_evaluation_forward_does_not_change_later_lora_gradients(write_params, tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights on a CPU with AVX512-BF16 at the first eval-mode no-grad
+    forward, for a kernel with no backward; training after that (SFT after its baseline perplexity,
+    PPO after a rollout) lost the gradient through the frozen base. load_model keeps one path."""
+    from peft import get_peft_model
+
+    config = load_config(write_params(**{"model.lora.dropout": 0.0}))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = get_peft_model(load_model(tiny_model_dir, config, tokenizer.pad_token_id), lora_config(config))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so the gradients reach every LoRA weight
+            torch.nn.init.normal_(param, std=0.02)
+    ids = tokenizer(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5."], return_tensors="pt").input_ids
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = lora_grads()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(before, after))
+
+
 def test_full_precision_lora_forward_backward(write_params, tiny_model_dir):
     config = load_config(write_params(**{"model.quantization": "none", "model.optimizer": "adamw_torch"}))
     tokenizer = load_tokenizer(tiny_model_dir)

@@ -143,6 +143,8 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
             device_map={"": device()}, **extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from None
+    if config.model.quantization == "nf4":
+        one_cpu_4bit_path(model)
     if trainable and config.model.quantization == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.model.gradient_checkpointing,
@@ -150,6 +152,19 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
     elif trainable and config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def one_cpu_4bit_path(model) -> None:
+    """Keep bitsandbytes on its dequantize-and-matmul path on a CPU. On a CPU with AVX512-BF16 its
+    first eval-mode no-grad forward repacks each 4-bit weight for a bf16 inference kernel that has no
+    backward; every later training forward then takes that kernel too and silently drops the gradient
+    through the frozen base (LoRA gradients off by ~100 % after one evaluation: SFT after its
+    baseline perplexity, PPO after its first rollout). It also makes results depend on the CPU model."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(config: Config, task_type: str = "CAUSAL_LM"):
