@@ -122,6 +122,16 @@ def _stage_config(config: dict, stage: str, steps: int, work: Path):
     return config, trainer_args(config, RunPaths(work), stage)
 
 
+def _trainer_step(make_trainer) -> dict:
+    """Peak of trainer.train() for the trainer that make_trainer() builds (model loading excluded)."""
+    def run(trainer):
+        with Peak() as peak:
+            trainer.train()
+        return {"train": peak}
+
+    return _measure(run, make_trainer, _baseline())
+
+
 def sft_step(config: dict, path: str, steps: int, work: str) -> dict:
     """As qlora_rlhf.sft.run trains: SFTTrainer, completion-only loss, LoRA via peft_config."""
     from datasets import Dataset
@@ -143,12 +153,7 @@ def sft_step(config: dict, path: str, steps: int, work: str) -> dict:
         match_trainable_dtype(trainer.model, config)
         return trainer
 
-    def run(trainer):
-        with Peak() as peak:
-            trainer.train()
-        return {"train": peak}
-
-    return _measure(run, load, _baseline())
+    return _trainer_step(load)
 
 
 def rm_step(config: dict, path: str, steps: int, work: str) -> dict:
@@ -173,12 +178,7 @@ def rm_step(config: dict, path: str, steps: int, work: str) -> dict:
         match_trainable_dtype(trainer.model, config)
         return trainer
 
-    def run(trainer):
-        with Peak() as peak:
-            trainer.train()
-        return {"train": peak}
-
-    return _measure(run, load, _baseline())
+    return _trainer_step(load)
 
 
 def untrained_reward_adapter(config: dict, path: str, out: str) -> str:
