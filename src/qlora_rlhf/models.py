@@ -145,10 +145,10 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
         raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from None
     if config.model.quantization == "nf4":
         one_cpu_4bit_path(model)
-    if trainable and config.model.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})  # torch warns that the implicit default goes away
+        if trainable:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})  # torch warns that the implicit default goes away
     elif trainable and config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
