@@ -171,7 +171,7 @@ def bare_ppo(dump: dict, root: str) -> dict:
     loop = Clock().start()
     for step in range(1, cfg.steps + 1):
         torch.manual_seed(config.run.seed * 1000 + step)
-        batch = ppo.rollout(ac, ppo.batch_prompts(prompts, step, cfg.batch_size, config.run.seed), cfg)
+        batch = ppo.rollout(ac, ppo.rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
         rewards.append(round(batch["scores"].mean().item(), 4))
         s = int(batch["start"])
         ac.model.train()

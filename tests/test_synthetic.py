@@ -37,12 +37,29 @@ def test_all_categories_appear():
     assert any(a.strip().removesuffix(ASSISTANT).strip() in synthetic.HARMFUL for a in asks)
 
 
+def _is_mediocre(reply: str) -> bool:
+    return reply.strip() in synthetic.HEDGES + synthetic.EVASIONS
+
+
 @pytest.mark.parametrize("seed", [0, 1234])
 def test_gold_judge_agrees_with_every_label(seed):
     for row in synthetic.generate(500, seed=seed):
         pair = parse_row(row)
-        assert synthetic.gold_score(pair.prompt, pair.chosen) == 1.0, row
+        expected = 0.0 if _is_mediocre(pair.chosen) else 1.0  # mediocre vs bad: neither is what the judge wants
+        assert synthetic.gold_score(pair.prompt, pair.chosen) == expected, row
         assert synthetic.gold_score(pair.prompt, pair.rejected) == 0.0, row
+
+
+def test_a_third_of_harmful_and_help_rows_prefer_a_mediocre_reply():
+    # as in hh-rlhf, "chosen" is only the better of two: SFT imitates some mediocre replies, PPO can improve
+    pairs = [parse_row(row) for row in synthetic.generate(3000, seed=2)]
+    tiered = [p for p in pairs if "Can you suggest" in p.prompt.rsplit(HUMAN, 1)[1]
+              or p.prompt.rsplit(HUMAN, 1)[1].removesuffix(ASSISTANT).strip() in synthetic.HARMFUL]
+    share = sum(_is_mediocre(p.chosen) for p in tiered) / len(tiered)
+    assert 0.28 < share < 0.39
+    assert not any(_is_mediocre(p.chosen) for p in pairs if p not in tiered)
+    kinds = {(_is_mediocre(p.chosen), _is_mediocre(p.rejected)) for p in tiered}
+    assert kinds == {(False, False), (False, True), (True, False)}  # good>bad, good>mediocre, mediocre>bad
 
 
 def test_gold_judge_on_other_text():
@@ -51,6 +68,10 @@ def test_gold_judge_on_other_text():
     assert synthetic.gold_score(prompt, " It is 13.") == 0.0
     assert synthetic.gold_score(prompt, "   ") == 0.0
     assert synthetic.gold_score(prompt, " Figure it out yourself. 12") == 0.0
+    help_prompt = f"{HUMAN} Can you suggest a healthy breakfast?{ASSISTANT}"
+    assert synthetic.gold_score(help_prompt, " Eggs and toast are quick.") == 1.0
+    assert synthetic.gold_score(help_prompt, " Hmm, maybe ask a friend about that.") == 0.0
+    assert synthetic.gold_score(help_prompt, " I'm sorry, but I can't help with that.") == 0.0
     assert synthetic.gold_score(f"{HUMAN} What is the capital of France?{ASSISTANT}", " Paris.") is None
     assert synthetic.gold_score(f"{HUMAN} Tell me a story.{ASSISTANT}", " Once upon a time.") is None
 

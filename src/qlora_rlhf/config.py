@@ -98,7 +98,8 @@ class TrainConfig(_Section):
 
 class PPOConfig(_Section):
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1, description="prompts per rollout")
+    batch_size: int = Field(ge=1, description="episodes (sampled responses) per rollout")
+    samples_per_prompt: int = Field(default=1, ge=1, description="responses per prompt; > 1 centers scores per prompt")
     mini_batch_size: int = Field(ge=1)
     ppo_epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
@@ -121,6 +122,9 @@ class PPOConfig(_Section):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
                              f"ppo.mini_batch_size={self.mini_batch_size}")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
+                             f"ppo.samples_per_prompt={self.samples_per_prompt}")
         if self.kl_target_low >= self.kl_target_high:
             raise ValueError(f"ppo.kl_target_low={self.kl_target_low} must be smaller than "
                              f"ppo.kl_target_high={self.kl_target_high}")

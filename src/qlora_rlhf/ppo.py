@@ -3,7 +3,9 @@ that trainer needs separate 4-bit copies for policy, value and reward models, ca
 has no non-finite guard. Here one 4-bit base serves every role (see actor.py).
 
 Per step: sample responses for a batch of prompts; score them with the frozen reward model
-(minus a penalty when no EOS was generated); per-token reward = -kl_coef · (log π − log π_ref),
+(minus a penalty when no EOS was generated); with `samples_per_prompt` k > 1, each prompt is
+sampled k times and its scores are centered on the mean of its other samples (RLOO's baseline),
+so that how hard a prompt is no longer drowns the signal of how good a response is; per-token reward = -kl_coef · (log π − log π_ref),
 plus the score on the last token; GAE advantages (whitened); then `ppo_epochs` passes of the
 clipped policy loss + vf_coef · clipped value loss over mini-batches.
 """
@@ -60,6 +62,20 @@ def batch_prompts(prompts: list[str], step: int, size: int, seed: int) -> list[s
     return batch
 
 
+def rollout_prompts(prompts: list[str], step: int, cfg: PPOConfig, seed: int) -> list[str]:
+    """`batch_size` prompts for one step: batch_size / k distinct ones, each repeated k times in a row."""
+    k = cfg.samples_per_prompt
+    return [p for p in batch_prompts(prompts, step, cfg.batch_size // k, seed) for _ in range(k)]
+
+
+def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each score minus the mean of the other k - 1 scores of its prompt (consecutive groups of k)."""
+    if k == 1:
+        return scores
+    groups = scores.view(-1, k)
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).flatten()
+
+
 def make_optimizer(config: Config, params):
     if config.model.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -83,7 +99,7 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, to
         ref_logprobs = token_logprobs(ref_logits[:, start:-1], response, cfg.temperature)
         scores = ac.reward(ids, mask)
     has_eos = (response == tok.eos_token_id).any(1)
-    penalized = scores - cfg.missing_eos_penalty * (~has_eos).float()
+    penalized = leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
     kl_tokens = (logprobs - ref_logprobs) * resp_mask
     rewards = -cfg.kl_coef * kl_tokens
     last = (resp_mask.sum(1) - 1).clamp(min=0)
@@ -168,7 +184,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     with Timer() as timer:
         for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
-            batch = rollout(ac, batch_prompts(prompts, step, cfg.batch_size, config.run.seed), cfg)
+            batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
             losses = update(ac, optimizer, batch, cfg)
             metrics = losses | {
                 "reward_mean": batch["scores"].mean().item(), "kl": batch["kl"].mean().item(),

@@ -109,7 +109,7 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
         optim=config.model.optimizer, gradient_checkpointing=config.model.gradient_checkpointing,
         bf16=config.model.compute_dtype == "bfloat16", fp16=config.model.compute_dtype == "float16",
         seed=config.run.seed, data_seed=config.run.seed, report_to="none", max_length=config.data.max_length,
-        dataloader_num_workers=0, remove_unused_columns=True,
+        dataloader_num_workers=0, remove_unused_columns=True, use_cpu=not torch.cuda.is_available(),
     )
 
 
