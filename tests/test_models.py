@@ -142,13 +142,14 @@ def test_nf4_lora_forward_backward_on_cpu(write_params, tiny_model_dir):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def test_an_evaluation_forward_does_not_change_later_lora_gradients(write_params, tiny_model_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the embedded default computes in bf16
+def test_an_evaluation_forward_does_not_change_later_lora_gradients(write_params, tiny_model_dir, dtype):
     """bitsandbytes repacks 4-bit weights on a CPU with AVX512-BF16 at the first eval-mode no-grad
     forward, for a kernel with no backward; training after that (SFT after its baseline perplexity,
     PPO after a rollout) lost the gradient through the frozen base. load_model keeps one path."""
     from peft import get_peft_model
 
-    config = load_config(write_params(**{"model.lora.dropout": 0.0}))
+    config = load_config(write_params(**{"model.lora.dropout": 0.0, "model.compute_dtype": dtype}))
     tokenizer = load_tokenizer(tiny_model_dir)
     model = get_peft_model(load_model(tiny_model_dir, config, tokenizer.pad_token_id), lora_config(config))
     torch.manual_seed(0)
