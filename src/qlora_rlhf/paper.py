@@ -197,6 +197,7 @@ def setup_table(macros: dict[str, Macro]) -> str:
         ("SFT steps / batch / learning rate", r"\CfgSftMaxSteps{} / \CfgSftBatchSize{} / \CfgSftLearningRate"),
         ("RM steps / batch / learning rate", r"\CfgRmMaxSteps{} / \CfgRmBatchSize{} / \CfgRmLearningRate"),
         ("PPO steps / batch / mini-batch / epochs", r"\CfgPpoSteps{} / \CfgPpoBatchSize{} / \CfgPpoMiniBatchSize{} / \CfgPpoPpoEpochs"),
+        ("PPO samples per prompt", r"\CfgPpoSamplesPerPrompt"),
         ("PPO learning rate / KL coefficient", r"\CfgPpoLearningRate{} / \CfgPpoKlCoef"),
         ("PPO KL target band", r"\CfgPpoKlTargetLow--\CfgPpoKlTargetHigh"),
         ("PPO clip range (policy / value)", r"\CfgPpoCliprange{} / \CfgPpoCliprangeValue"),
