@@ -5,9 +5,10 @@ has no non-finite guard. Here one 4-bit base serves every role (see actor.py).
 Per step: sample responses for a batch of prompts; score them with the frozen reward model
 (minus a penalty when no EOS was generated); with `samples_per_prompt` k > 1, each prompt is
 sampled k times and its scores are centered on the mean of its other samples (RLOO's baseline),
-so that how hard a prompt is no longer drowns the signal of how good a response is; per-token reward = -kl_coef · (log π − log π_ref),
-plus the score on the last token; GAE advantages (whitened); then `ppo_epochs` passes of the
-clipped policy loss + vf_coef · clipped value loss over mini-batches.
+so that how hard a prompt is no longer drowns the signal of how good a response is; per-token
+reward = -kl_coef · (log π − log π_ref), plus the score on the last token; GAE advantages
+(whitened); then `ppo_epochs` passes of the clipped policy loss + vf_coef · clipped value loss
+over mini-batches.
 """
 
 from __future__ import annotations
