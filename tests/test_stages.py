@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qlora_rlhf import ppo
-from qlora_rlhf.actor import ActorCritic, token_logprobs
+from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.models import base_location
 from qlora_rlhf.training import TrainingError
 
@@ -67,6 +67,45 @@ def test_reference_is_the_sft_policy_at_step_zero(pipeline):
     with torch.no_grad(), trained.reference():
         trained_ref, _ = trained.forward(ids, mask)
     assert torch.allclose(trained_ref, ref_logits, atol=1e-4)  # disabling the PPO adapter gives back SFT
+
+
+def test_logits_from_a_position_match_the_full_forward(pipeline):
+    """PPO and the evaluation ask for logits over the response only, and the reward for the last
+    position only: the same numbers as slicing a full forward, hidden states unchanged."""
+    config, paths, _ = pipeline
+    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    enc = ac.tokenizer(["\n\nHuman: Hi?\n\nAssistant: Hello.", "\n\nHuman: What is 2 plus 3?"],
+                       return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask
+    with torch.no_grad():
+        full, hidden = forward(ac.model, ids, mask)
+        tail, tail_hidden = forward(ac.model, ids, mask, logits_from=3)
+        last, _ = forward(ac.model, ids, mask, logits_from=None)
+    assert tail.shape[1] == ids.shape[1] - 3 and last.shape[1] == 1
+    assert torch.allclose(tail, full[:, 3:], atol=1e-4) and torch.allclose(last, full[:, -1:], atol=1e-4)
+    assert torch.equal(tail_hidden, hidden)
+
+
+def test_completion_perplexity_matches_one_pair_at_a_time(tiny_model_dir):
+    """Length-sorted batches and logits from the first completion token on give the same number as
+    scoring each pair alone over all its positions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_rlhf.training import completion_perplexity
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["\n\nHuman: Hi?\n\nAssistant:", "\n\nHuman: What is 2 plus 3? Answer briefly.\n\nAssistant:", "\n\nHuman: x\n\nAssistant:"]
+    completions = [" Hello there, how can I help?", " 5.", " Sure."]
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions):
+            p = tok(prompt, add_special_tokens=False).input_ids
+            ids = torch.tensor([p + tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            picked = logp.gather(-1, ids[0, 1:, None])[len(p) - 1 :]
+            total_nll, total_tokens = total_nll - picked.sum().item(), total_tokens + len(picked)
+    expected = math.exp(total_nll / total_tokens)
+    assert completion_perplexity(model, tok, prompts, completions, batch_size=2) == pytest.approx(expected, rel=1e-4)
 
 
 def test_evaluation_tables(pipeline):

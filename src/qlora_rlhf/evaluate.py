@@ -30,9 +30,9 @@ def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, fl
 
 @torch.no_grad()
 def sequence_logprob(model, ids, mask, response, start: int, temperature: float) -> torch.Tensor:
-    logits, _ = forward(model, ids, mask)
+    logits, _ = forward(model, ids, mask, logits_from=start)
     resp_mask = (mask[:, start + 1 :]).float()
-    return (token_logprobs(logits[:, start:-1], response, temperature) * resp_mask).sum(1)
+    return (token_logprobs(logits[:, :-1], response, temperature) * resp_mask).sum(1)
 
 
 @torch.no_grad()
@@ -71,6 +71,9 @@ def run(config: Config, paths: RunPaths) -> dict:
     tok = ac.tokenizer
     base = load_model(base_location(paths), config, tok.pad_token_id, kind="causal", trainable=False)
     held_out = read_split(paths, "eval")[: config.eval.num_prompts]
+    sample_prompts = [r["prompt"] for r in held_out[: config.eval.num_sample_rows]]
+    # Batches of similar prompt length: left padding then costs ~5 % of the prompt tokens, not ~30 %.
+    held_out.sort(key=lambda r: len(tok(r["prompt"], add_special_tokens=False).input_ids))
     prompts = [r["prompt"] for r in held_out]
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
     generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
@@ -82,9 +85,13 @@ def run(config: Config, paths: RunPaths) -> dict:
         perplexity["sft"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
     perplexity["ppo"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
 
-    def score(texts):
-        enc = tok([t + tok.eos_token for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
-        return ac.reward(enc.input_ids.to(ac.device), enc.attention_mask.to(ac.device)).cpu().numpy()
+    def score(texts):  # in batches of similar length, returned in the given order
+        order, scores = np.argsort([len(t) for t in texts], kind="stable"), np.empty(len(texts))
+        for start in range(0, len(order), batch):
+            picked = order[start : start + batch]
+            enc = tok([texts[i] + tok.eos_token for i in picked], return_tensors="pt", padding=True, add_special_tokens=False)
+            scores[picked] = ac.reward(enc.input_ids.to(ac.device), enc.attention_mask.to(ac.device)).cpu().numpy()
+        return scores
 
     margins = score([r["prompt"] + r["chosen"] for r in held_out]) - score([r["prompt"] + r["rejected"] for r in held_out])
     rm_pairs = pd.DataFrame({"margin": margins, "correct": margins > 0})
@@ -112,7 +119,7 @@ def run(config: Config, paths: RunPaths) -> dict:
             low, high = bootstrap_ci(wins, samples, seed)
             winrate.append({"judge": judge, "win_rate": wins.mean(), "ci_low": low, "ci_high": high, "prompts": int(keep.sum())})
     winrate = pd.DataFrame(winrate)
-    shown = generations[generations["prompt"].isin(prompts[: config.eval.num_sample_rows])]
+    shown = generations[generations["prompt"].isin(sample_prompts)]
     samples_table = shown.pivot_table(index="prompt", columns="policy", values="response", aggfunc="first").reset_index()
 
     with atomic_dir(paths.eval) as out:

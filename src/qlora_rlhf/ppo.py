@@ -92,12 +92,12 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, to
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
     start = query.shape[1] - 1
     with torch.no_grad():
-        logits, hidden = ac.forward(ids, mask)
-        logprobs = token_logprobs(logits[:, start:-1], response, cfg.temperature)
+        logits, hidden = ac.forward(ids, mask, logits_from=start)
+        logprobs = token_logprobs(logits[:, :-1], response, cfg.temperature)
         values = ac.values(hidden[:, start:-1]) * resp_mask
         with ac.reference():
-            ref_logits, _ = ac.forward(ids, mask)
-        ref_logprobs = token_logprobs(ref_logits[:, start:-1], response, cfg.temperature)
+            ref_logits, _ = ac.forward(ids, mask, logits_from=start)
+        ref_logprobs = token_logprobs(ref_logits[:, :-1], response, cfg.temperature)
         scores = ac.reward(ids, mask)
     has_eos = (response == tok.eos_token_id).any(1)
     penalized = leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
@@ -117,8 +117,8 @@ def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str,
     ac.model.train()
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(size).split(cfg.mini_batch_size):
-            logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb])
-            logits = logits[:, start:-1].float() / cfg.temperature
+            logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb], logits_from=start)
+            logits = logits[:, :-1].float() / cfg.temperature
             new_logprobs = torch.log_softmax(logits, -1).gather(-1, batch["response"][mb].unsqueeze(-1)).squeeze(-1)
             vpred = ac.values(hidden[:, start:-1])
             m, adv, old_v, ret = batch["resp_mask"][mb], batch["advantages"][mb], batch["values"][mb], batch["returns"][mb]

@@ -115,22 +115,27 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
 
 @torch.no_grad()
 def completion_perplexity(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 8) -> float:
-    """exp(mean NLL) over completion tokens (EOS included), prompts masked out, as SFT's loss counts it."""
+    """exp(mean NLL) over completion tokens (EOS included), prompts masked out, as SFT's loss counts it.
+    Batches hold pairs of similar length, and logits are computed only from the first completion token
+    of the batch on: the vocabulary projection and its float32 softmax would otherwise cover prompts too."""
     model.eval()
     device = next(model.parameters()).device
+    pairs = []
+    for prompt, completion in zip(prompts, completions):
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        pairs.append((p, tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]))
+    pairs.sort(key=lambda pc: len(pc[0]) + len(pc[1]))
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        batch = []
-        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            batch.append((p + c, [-100] * len(p) + c))
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch], device=device)
-        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch], device=device)
-        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(i) for i, _ in batch], device=device)[:, None])
-        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float()
-        target = labels[:, 1:]
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in batch)
+        first = min(len(p) for p, _ in batch) - 1  # the first position that predicts a completion token
+        ids = torch.tensor([p + c + [tokenizer.pad_token_id] * (width - len(p) - len(c)) for p, c in batch], device=device)
+        labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in batch], device=device)
+        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(p) + len(c) for p, c in batch], device=device)[:, None])
+        keep = torch.arange(first, width - 1, device=device)
+        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=keep).logits.float()
+        target = labels[:, first + 1 :]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                                 ignore_index=-100, reduction="sum")
         total_nll += nll.item()
