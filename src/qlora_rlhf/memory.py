@@ -33,11 +33,11 @@ each matching how this project loads and trains models (qlora_rlhf.models, sft, 
   the same forward's last hidden state, the reference is the base with the adapter disabled, the
   reward model a second (frozen) named adapter plus a score head. Base weights are counted once.
   Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch.
-  Rollout scoring (ppo.rollout) keeps the policy's and the reference's full logits while the
-  reward pass (last position's logits only) holds every layer's hidden state (output_hidden_states)
-  and one layer's transient MLP tensors. The update holds one mini-batch's full logits (the
-  forward's, then the gradient of the response slice) plus 3 response-slice copies (scaled logits,
-  log-softmax, gradient).
+  Rollout scoring (ppo.rollout) keeps the policy's and the reference's logits over the response
+  positions (actor.forward's logits_from: no vocabulary projection of the prompt) while the reward
+  pass (last position's logits only) holds every layer's hidden state (output_hidden_states) and
+  one layer's transient MLP tensors. The update holds one mini-batch's response logits (the
+  forward's, then their gradient) plus 3 response-slice copies (scaled logits, log-softmax, gradient).
 - framework_overhead: a fixed 0.5 GiB for the CUDA context and allocator slack (or, on a CPU, the
   interpreter and libraries: about 0.45-0.53 GiB of RSS after importing torch/transformers/peft/trl).
   Benchmarks that read torch.cuda.max_memory_allocated leave it out. Not modelled: the C
@@ -293,12 +293,12 @@ def plan(config: Config, arch: Architecture, device: str | None = None) -> dict[
     phases = {  # generation, rollout scoring, update
         "kv_cache": kv_cache(config, arch, cfg.batch_size, total_tokens),
         "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens),
-        "rollout_logits": logits(arch, cfg.batch_size, total_tokens, copies=2),  # policy and reference
+        "rollout_logits": logits(arch, cfg.batch_size, new + 1, copies=2),  # policy and reference, response only
         "rollout_hidden_states": (arch.num_layers + 1) * cfg.batch_size * total_tokens * h * act,
         "scoring_working_set": working_set(config, arch, cfg.batch_size * total_tokens),
         "activations": activations(config, arch, cfg.mini_batch_size, total_tokens, dropout=False, lora_bytes=4,
                                    device=device),
-        "logits": logits(arch, cfg.mini_batch_size, total_tokens, 1) + logits(arch, cfg.mini_batch_size, new, 3),
+        "logits": logits(arch, cfg.mini_batch_size, new + 1, 1) + logits(arch, cfg.mini_batch_size, new, 3),
     }
     peaks = [sum(phases[name] for name in names) for names in PPO_PHASES.values()]
     ppo = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, 4) | {
