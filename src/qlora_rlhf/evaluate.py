@@ -18,6 +18,7 @@ from .config import Config
 from .data import read_split
 from .models import base_location, load_model
 from .paths import RunPaths
+from .reward import score_texts
 from .synthetic import gold_score
 from .training import completion_perplexity, require, seed_everything
 
@@ -85,13 +86,8 @@ def run(config: Config, paths: RunPaths) -> dict:
         perplexity["sft"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
     perplexity["ppo"] = completion_perplexity(ac.model, tok, prompts, chosen, batch)
 
-    def score(texts):  # in batches of similar length, returned in the given order
-        order, scores = np.argsort([len(t) for t in texts], kind="stable"), np.empty(len(texts))
-        for start in range(0, len(order), batch):
-            picked = order[start : start + batch]
-            enc = tok([texts[i] + tok.eos_token for i in picked], return_tensors="pt", padding=True, add_special_tokens=False)
-            scores[picked] = ac.reward(enc.input_ids.to(ac.device), enc.attention_mask.to(ac.device)).cpu().numpy()
-        return scores
+    def score(texts):
+        return score_texts(ac.reward, tok, texts, batch, ac.device)
 
     margins = score([r["prompt"] + r["chosen"] for r in held_out]) - score([r["prompt"] + r["rejected"] for r in held_out])
     rm_pairs = pd.DataFrame({"margin": margins, "correct": margins > 0})

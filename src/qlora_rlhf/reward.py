@@ -4,6 +4,7 @@ Writes the reward adapter (with its score head) and held-out pairwise accuracy a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from datasets import Dataset
 
@@ -17,22 +18,30 @@ from .training import (History, HistoryCallback, Timer, checkpoints_for, match_t
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 8) -> list[float]:
-    """Reward-model scores of whole dialogues (EOS appended, as in training)."""
-    model.eval()
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = [t + tokenizer.eos_token for t in texts[start : start + batch_size]]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        scores += model(**enc, use_cache=False).logits[:, 0].float().tolist()
+def score_texts(score_batch, tokenizer, texts: list[str], batch_size: int, device) -> np.ndarray:
+    """Reward-model scores of whole dialogues (EOS appended, as in training), in batches of similar
+    length (less padding), returned in the given order. `score_batch(input_ids, attention_mask)`
+    scores one padded batch: the RM stage's classifier here, PPO's shared-base reward in evaluation."""
+    order, scores = np.argsort([len(t) for t in texts], kind="stable"), np.empty(len(texts))
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        enc = tokenizer([texts[i] + tokenizer.eos_token for i in picked], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        scores[picked] = score_batch(enc.input_ids, enc.attention_mask).float().cpu().numpy()
     return scores
 
 
-def pairwise(model, tokenizer, pairs: list[dict[str, str]]) -> tuple[list[float], list[float]]:
-    chosen = score_texts(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = score_texts(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
-    return chosen, rejected
+def pairwise(model, tokenizer, pairs: list[dict[str, str]], batch_size: int = 8) -> np.ndarray:
+    """Margins r(chosen) - r(rejected) of the sequence-classification reward model."""
+    model.eval()
+
+    def score_batch(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
+
+    device = next(model.parameters()).device
+    chosen = score_texts(score_batch, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size, device)
+    rejected = score_texts(score_batch, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size, device)
+    return chosen - rejected
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -55,15 +64,14 @@ def run(config: Config, paths: RunPaths) -> dict:
     match_trainable_dtype(trainer.model, config)
     with Timer() as timer:
         trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("rm")))
-    chosen, rejected = pairwise(trainer.model, tokenizer, held_out)
-    margins = [c - r for c, r in zip(chosen, rejected)]
+    margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:
         trainer.model.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
     curve = history.write_csv(paths.metrics / "rm_history.csv")
     metrics = {
-        "accuracy": sum(m > 0 for m in margins) / len(margins), "margin_mean": sum(margins) / len(margins),
+        "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),
         "train_loss_first": float(curve["loss"].iloc[0]), "train_loss_last": float(curve["loss"].iloc[-1]),
         "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1), "eval_pairs": len(margins),
     }
