@@ -74,5 +74,18 @@ def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
         folder.mkdir()
         if complete:
             (folder / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
-    assert last_checkpoint(tmp_path / "missing") is None
+    assert last_checkpoint(tmp_path, max_steps=10) == str(tmp_path / "checkpoint-2")
+    assert last_checkpoint(tmp_path / "missing", max_steps=10) is None
+
+
+def test_a_finished_runs_final_checkpoint_is_not_resumed(tmp_path):
+    """Resuming the checkpoint at max_steps made Trainer train step max_steps + 1: a re-run of a
+    finished SFT or RM stage (after a code change) gave a different model (an RM of 49 steps, not 48)."""
+    from qlora_rlhf.training import last_checkpoint
+
+    for step in (32, 48):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path, max_steps=48) == str(tmp_path / "checkpoint-32")
+    assert last_checkpoint(tmp_path, max_steps=64) == str(tmp_path / "checkpoint-48")
+    assert last_checkpoint(tmp_path, max_steps=32) is None

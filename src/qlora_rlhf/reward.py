@@ -63,7 +63,7 @@ def run(config: Config, paths: RunPaths) -> dict:
                             callbacks=[HistoryCallback(history, ("loss", "accuracy", "margin"))])
     match_trainable_dtype(trainer.model, config)
     with Timer() as timer:
-        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("rm")))
+        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("rm"), config.rm.max_steps))
     margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:

@@ -35,7 +35,7 @@ def run(config: Config, paths: RunPaths) -> dict:
                          peft_config=lora_config(config), callbacks=[HistoryCallback(history, ("loss",))])
     match_trainable_dtype(trainer.model, config)
     with Timer() as timer:
-        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("sft")))
+        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("sft"), config.sft.max_steps))
     perplexity_sft = completion_perplexity(trainer.model, tokenizer, prompts, chosen)
 
     with atomic_dir(paths.sft) as out:

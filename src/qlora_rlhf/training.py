@@ -91,10 +91,13 @@ class HistoryCallback(TrainerCallback):
             self.history.log(state.global_step, picked)
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    """The newest complete Trainer checkpoint: trainer_state.json is written last, so a checkpoint
-    cut off by a kill is skipped."""
-    done = [p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+def last_checkpoint(folder: Path, max_steps: int) -> str | None:
+    """The newest complete Trainer checkpoint before `max_steps`: trainer_state.json is written last,
+    so a checkpoint cut off by a kill is skipped; and a finished run's final checkpoint is not
+    resumed, because Trainer checks `max_steps` only after a step and would train one step more
+    (a re-run of a finished stage must give the same model as the first run)."""
+    done = [p for p in Path(folder).glob("checkpoint-*")
+            if (p / "trainer_state.json").is_file() and int(p.name.split("-")[-1]) < max_steps]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
