@@ -182,6 +182,23 @@ def test_full_precision_lora_forward_backward(write_params, tiny_model_dir):
     assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
 
 
+def test_the_vocabulary_projection_gets_contiguous_hidden_states(write_params, tiny_model_dir):
+    """generate's prefill keeps only the last position, a strided view; on a CPU a bf16 linear on one
+    copies the vocabulary matrix per sequence. load_model hands the projection a contiguous copy."""
+    config = load_config(write_params())
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, config, tokenizer.pad_token_id, trainable=False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: seen.append(args[0].is_contiguous()))
+    batch = tokenizer(["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is 2 plus 3?\n\nAssistant:"],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model(**batch).logits
+        last = model(**batch, logits_to_keep=1).logits
+    assert seen == [True, True]
+    assert torch.allclose(last, full[:, -1:], atol=1e-5)
+
+
 def test_score_model_has_one_logit(write_params, tiny_model_dir):
     config = load_config(write_params(**{"model.quantization": "none"}))
     tokenizer = load_tokenizer(tiny_model_dir)

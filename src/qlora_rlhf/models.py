@@ -143,6 +143,8 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
             device_map={"": device()}, **extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"cannot load the model at {path}: {type(exc).__name__}: {exc}") from None
+    if kind == "causal":
+        contiguous_lm_head_input(model)
     if config.model.quantization == "nf4":
         one_cpu_4bit_path(model)
         if trainable:
@@ -152,6 +154,14 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
     elif trainable and config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def contiguous_lm_head_input(model) -> None:
+    """Hand the vocabulary projection contiguous hidden states. `generate`'s prefill (and any
+    `logits_to_keep`) slices the positions it needs as a strided view, and a bf16 linear on such a 3-D
+    view takes torch's batched CPU path, which copies the 49,152 x 576 weight once per sequence: 3.4 s
+    of an 8.8 s, 32-prompt `generate` call here. The copy made instead is batch x kept positions x hidden."""
+    model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: (args[0].contiguous(), *args[1:]))
 
 
 def one_cpu_4bit_path(model) -> None:
