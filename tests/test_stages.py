@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from qlora_rlhf import ppo
 from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
+from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
+from qlora_rlhf.reward import HELD_OUT_MARGINS, score_texts
 from qlora_rlhf.training import TrainingError
 
 
@@ -25,6 +28,9 @@ def test_sft_writes_a_loadable_adapter_and_finite_metrics(pipeline):
     assert metrics["steps"] == config.sft.max_steps
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_location(paths)), paths.sft / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+    for stage in (paths.sft, paths.rm, paths.ppo):  # sorted, not in set order: the same bytes on every re-run
+        modules = json.loads((stage / "adapter" / "adapter_config.json").read_text())["target_modules"]
+        assert modules == sorted(modules)
     assert (paths.sft / "merged" / "model.safetensors").is_file()
     assert list(pd.read_csv(paths.metrics / "sft_history.csv").columns) == ["step", "loss"]
 
@@ -36,6 +42,22 @@ def test_reward_model_metrics_and_score_head(pipeline):
     assert 0.0 <= results["rm"]["accuracy"] <= 1.0 and math.isfinite(results["rm"]["margin_mean"])
     with safe_open(str(paths.rm / "adapter" / "adapter_model.safetensors"), "pt") as f:
         assert any(k.endswith("score.weight") for k in f.keys())
+
+
+def test_the_shared_base_reward_scores_as_the_reward_model_stage(pipeline):
+    """PPO and the evaluation score with the reward adapter on the shared 4-bit base and a score head
+    loaded by hand; the RM stage measured its held-out margins (which the evaluation reports) with
+    its own classifier. The two must agree."""
+    config, paths, _ = pipeline
+    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    pairs = read_split(paths, "eval")
+
+    def score(key):
+        return score_texts(ac.reward, ac.tokenizer, [p["prompt"] + p[key] for p in pairs], 4, ac.device)
+
+    stored = pd.read_csv(paths.rm / HELD_OUT_MARGINS)
+    assert len(stored) == len(pairs) and stored["correct"].tolist() == (stored["margin"] > 0).tolist()
+    np.testing.assert_allclose(score("chosen") - score("rejected"), stored["margin"], atol=1e-4)
 
 
 def test_ppo_history_has_every_metric_and_finite_values(pipeline):
@@ -117,7 +139,8 @@ def test_evaluation_tables(pipeline):
     for name in ("summary.tex", "winrate.tex", "samples.tex", "generations.csv", "rm_pairs.csv"):
         assert (paths.eval / name).stat().st_size > 0
     eval_metrics = json.loads(paths.stage_metrics("eval").read_text())
-    assert 0.0 <= eval_metrics["rm_accuracy"] <= 1.0
+    assert eval_metrics["rm_accuracy"] == results["rm"]["accuracy"]  # the RM stage's measurement, read
+    assert summary.set_index("policy").loc["sft", "perplexity"] == results["sft"]["perplexity_sft"]
     assert eval_metrics["winrate_rm"] == results["eval"]["winrate_rm"]
 
 

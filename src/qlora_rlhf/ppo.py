@@ -25,7 +25,7 @@ from .atomic import atomic_dir, read_json, write_json
 from .config import Config, PPOConfig
 from .data import read_split
 from .paths import RunPaths
-from .training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, seed_everything,
+from .training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, save_adapter, seed_everything,
                        write_metrics)
 
 KEEP_CHECKPOINTS = 2
@@ -150,7 +150,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def save_policy(ac: ActorCritic, out: Path) -> None:
     """The policy adapter as a plain peft folder (loadable on results/<run>/sft/merged) + value head."""
-    ac.model.save_pretrained(out / "_peft", selected_adapters=[POLICY])
+    save_adapter(ac.model, out / "_peft", selected_adapters=[POLICY])
     (out / "_peft" / POLICY).rename(out / "adapter")
     shutil.rmtree(out / "_peft")
     torch.save(ac.value_head.state_dict(), out / "value_head.pt")

@@ -1,10 +1,12 @@
 """Stage 2, reward model: TRL RewardTrainer warm-started from the merged SFT model, LoRA
 (sequence classification) + a one-logit score head, loss -log σ(r_chosen − r_rejected).
-Writes the reward adapter (with its score head) and held-out pairwise accuracy and margin."""
+Writes the reward adapter (with its score head), each held-out pair's margin (the evaluation's
+reward-model table reads them) and held-out pairwise accuracy and mean margin."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from datasets import Dataset
 
@@ -13,8 +15,10 @@ from .config import Config
 from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, Timer, checkpoints_for, match_trainable_dtype, last_checkpoint, require, seed_everything, trainer_args,
-                       write_metrics)
+from .training import (History, HistoryCallback, Timer, checkpoints_for, last_checkpoint, match_trainable_dtype, require, save_adapter,
+                       seed_everything, trainer_args, write_metrics)
+
+HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row per pair of the eval split
 
 
 @torch.no_grad()
@@ -67,8 +71,9 @@ def run(config: Config, paths: RunPaths) -> dict:
     margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:
-        trainer.model.save_pretrained(out / "adapter")
+        save_adapter(trainer.model, out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
+        pd.DataFrame({"margin": margins, "correct": margins > 0}).to_csv(out / HELD_OUT_MARGINS, index=False)
     curve = history.write_csv(paths.metrics / "rm_history.csv")
     metrics = {
         "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),

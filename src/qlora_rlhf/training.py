@@ -160,6 +160,21 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config,
     tokenizer.save_pretrained(out)
 
 
+def save_adapter(model, out: Path, **kwargs) -> None:
+    """`save_pretrained` of a peft model with adapter_config.json's module lists sorted. peft writes
+    them in set order, which follows Python's per-process string hashing: the same weights would get a
+    new DVC hash on every re-run of a stage, and every later stage would look changed."""
+    model.save_pretrained(out, **kwargs)
+    for path in Path(out).rglob("adapter_config.json"):
+        adapter = json.loads(path.read_text())
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(adapter.get(key), list):
+                adapter[key] = sorted(adapter[key])
+        path.write_text(json.dumps(adapter, indent=2, sort_keys=True))
+
+
+# PPO's `steps` (constant learning rate) can grow and resume; SFT/RM's `max_steps` stays fingerprinted
+# because their cosine schedule and warmup are computed from it.
 UNFINGERPRINTED = ("steps", "save_steps", "logging_steps", "max_kl")
 
 
