@@ -4,7 +4,7 @@ perplexity, reward-model accuracy, mean reward with 95 % bootstrap intervals, KL
 win rate of PPO over SFT under both judges, response length, and sample generations.
 
 Held-out perplexity of the base and SFT models and the reward model's held-out margins were measured
-by the SFT and RM stages on the whole eval split; they are read, not recomputed (a third of this
+by the SFT and RM stages on the whole eval split; they are read, not recomputed (a fifth of this
 stage's time), and the PPO policy's perplexity is measured here on the same rows, the same way."""
 
 from __future__ import annotations
