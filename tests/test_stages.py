@@ -15,7 +15,7 @@ from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
 from qlora_rlhf.reward import HELD_OUT_MARGINS, score_texts
-from qlora_rlhf.training import TrainingError
+from qlora_rlhf.training import TrainingError, train_loss_ends
 
 
 def test_sft_writes_a_loadable_adapter_and_finite_metrics(pipeline):
@@ -58,6 +58,13 @@ def test_the_shared_base_reward_scores_as_the_reward_model_stage(pipeline):
     stored = pd.read_csv(paths.rm / HELD_OUT_MARGINS)
     assert len(stored) == len(pairs) and stored["correct"].tolist() == (stored["margin"] > 0).tolist()
     np.testing.assert_allclose(score("chosen") - score("rejected"), stored["margin"], atol=1e-4)
+
+
+def test_train_loss_ends_skip_a_closing_log_without_loss():
+    """rm.max_steps 3 with logging_steps 2: the Trainer's closing log at step 3 has accuracy and
+    margin but no loss; the stage's metrics must still report the last logged loss, not NaN."""
+    curve = pd.DataFrame({"step": [2, 3], "loss": [0.65, float("nan")], "accuracy": [0.5, 0.75]})
+    assert train_loss_ends(curve) == {"train_loss_first": 0.65, "train_loss_last": 0.65}
 
 
 def test_ppo_history_has_every_metric_and_finite_values(pipeline):

@@ -16,7 +16,7 @@ from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
 from .training import (History, HistoryCallback, Timer, checkpoints_for, last_checkpoint, match_trainable_dtype, require, save_adapter,
-                       seed_everything, trainer_args, write_metrics)
+                       seed_everything, train_loss_ends, trainer_args, write_metrics)
 
 HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row per pair of the eval split
 
@@ -77,7 +77,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     curve = history.write_csv(paths.metrics / "rm_history.csv")
     metrics = {
         "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),
-        "train_loss_first": float(curve["loss"].iloc[0]), "train_loss_last": float(curve["loss"].iloc[-1]),
+        **train_loss_ends(curve),
         "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1), "eval_pairs": len(margins),
     }
     write_metrics(paths, "rm", metrics)

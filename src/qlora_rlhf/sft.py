@@ -13,7 +13,7 @@ from .data import read_split
 from .models import base_location, load_model, load_tokenizer, lora_config
 from .paths import RunPaths
 from .training import (History, HistoryCallback, Timer, checkpoints_for, completion_perplexity, last_checkpoint, match_trainable_dtype, merge_adapter,
-                       require, save_adapter, seed_everything, trainer_args, write_metrics)
+                       require, save_adapter, seed_everything, train_loss_ends, trainer_args, write_metrics)
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -50,7 +50,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     curve = history.write_csv(paths.metrics / "sft_history.csv")
     metrics = {
         "perplexity_base": perplexity_base, "perplexity_sft": perplexity_sft,
-        "train_loss_first": float(curve["loss"].iloc[0]), "train_loss_last": float(curve["loss"].iloc[-1]),
+        **train_loss_ends(curve),
         "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1),
     }
     write_metrics(paths, "sft", metrics)

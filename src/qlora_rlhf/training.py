@@ -77,6 +77,13 @@ class History:
         return frame
 
 
+def train_loss_ends(curve: pd.DataFrame) -> dict[str, float]:
+    """First and last logged training loss. Rows without one are skipped: when max_steps is not a
+    multiple of logging_steps, RewardTrainer's closing log carries accuracy and margin but no loss."""
+    loss = curve["loss"].dropna()
+    return {"train_loss_first": float(loss.iloc[0]), "train_loss_last": float(loss.iloc[-1])}
+
+
 class HistoryCallback(TrainerCallback):
     """Sends the Trainer's training logs (loss, accuracy, ...) to a History."""
 
