@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
 from .config import Config
@@ -27,7 +28,7 @@ def score_texts(score_batch, tokenizer, texts: list[str], batch_size: int, devic
     length (less padding), returned in the given order. `score_batch(input_ids, attention_mask)`
     scores one padded batch: the RM stage's classifier here, PPO's shared-base reward in evaluation."""
     order, scores = np.argsort([len(t) for t in texts], kind="stable"), np.empty(len(texts))
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="reward-model scores", unit="batch"):
         picked = order[start : start + batch_size]
         enc = tokenizer([texts[i] + tokenizer.eos_token for i in picked], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
 from .atomic import write_json
@@ -136,7 +137,7 @@ def completion_perplexity(model, tokenizer, prompts: list[str], completions: lis
         pairs.append((p, tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]))
     pairs.sort(key=lambda pc: len(pc[0]) + len(pc[1]))
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="held-out perplexity", unit="batch"):
         batch = pairs[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in batch)
         first = min(len(p) for p, _ in batch) - 1  # the first position that predicts a completion token
