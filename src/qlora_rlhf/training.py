@@ -104,9 +104,9 @@ def last_checkpoint(folder: Path, max_steps: int) -> str | None:
     so a checkpoint cut off by a kill is skipped; and a finished run's final checkpoint is not
     resumed, because Trainer checks `max_steps` only after a step and would train one step more
     (a re-run of a finished stage must give the same model as the first run)."""
-    done = [p for p in Path(folder).glob("checkpoint-*")
-            if (p / "trainer_state.json").is_file() and int(p.name.split("-")[-1]) < max_steps]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+    done = {int(p.name.split("-")[-1]): p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
+    resumable = [step for step in done if step < max_steps]
+    return str(done[max(resumable)]) if resumable else None
 
 
 def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
