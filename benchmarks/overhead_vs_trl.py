@@ -90,12 +90,20 @@ def stage_run(stage: str, dump: dict, root: str) -> dict:
     for name in STAGE_PARTS[stage]:
         timed(module, name, parts)
 
-    class LoopTimer(Clock):  # the stage's own Timer around Trainer.train() / the PPO loop, with CPU time
+    from qlora_rlhf import training
+
+    class LoopTimer(training.Timer):  # the stage's own Timer around Trainer.train() / the PPO loop, with CPU time
+        def __enter__(self):
+            self.cpu = time.process_time()
+            return super().__enter__()
+
         def __exit__(self, *exc):
             super().__exit__(*exc)
-            self.seconds, parts["loop"] = self.wall, {"seconds": self.wall, "cpu_seconds": self.cpu}
+            parts["loop"] = {"seconds": self.seconds, "cpu_seconds": time.process_time() - self.cpu}
 
-    module.Timer = LoopTimer
+    training.Timer = LoopTimer  # SFT and RM: around Trainer.train() in training.train_resumably
+    if stage == "ppo":
+        module.Timer = LoopTimer
     with Clock() as total:
         metrics = module.run(config, paths)
     loop = parts.pop("loop")

@@ -148,6 +148,17 @@ def test_params_trigger_and_source_dirs(scratch):
     assert differs == {"data", "base", "sft", "rm", "ppo", "paper"}
 
 
+def test_only_the_reports_read_metrics_files(scratch):
+    """metrics/<stage>.json holds the stage's wall time, new on every run: a computing stage that read
+    one would re-run after an upstream re-run with identical outputs. Stages hand each other results
+    inside their output folders (sft/held_out_perplexity.json, rm/held_out_margins.csv)."""
+    params = yaml.safe_load((scratch / "params.yaml").read_text())
+    stages = load_stages(scratch / "dvc.yaml", params)
+    metrics_files = {path for stage in stages.values() for path in stage.files}
+    readers = {name for name, stage in stages.items() if metrics_files & set(stage.deps)}
+    assert readers == {"figures", "paper"}
+
+
 FAKE_STAGE = '''
 """Stand-in for `python -m qlora_rlhf <verb>`: writes the stage's outputs (fresh content each run)."""
 import sys, uuid

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import smoke_params
+from qlora_rlhf.atomic import append_jsonl, read_jsonl
 
 LONG = {"sft": {"sft.max_steps": 30, "sft.save_steps": 2}, "rm": {"rm.max_steps": 30, "rm.save_steps": 2},
         "ppo": {"ppo.steps": 6, "ppo.save_steps": 1}}
@@ -63,6 +64,10 @@ def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_p
     assert resumed_steps and resumed_steps[0] > checkpoint_step, f"restarted from scratch: {resumed_steps[:5]}"
     metrics = json.loads((run / "metrics" / f"{stage}.json").read_text())
     assert metrics["steps"] == next(iter(LONG[stage].values()))
+    # the training time runs on across the resume: the steps before the resumed checkpoint are counted
+    totals = {row["step"]: row["seconds"] for row in read_jsonl(run / "checkpoints" / stage / "seconds.jsonl")}
+    running = [totals[step] for step in range(1, metrics["steps"] + 1)]
+    assert running == sorted(running) and metrics["seconds"] >= running[-1] - 0.1
     assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -89,3 +94,13 @@ def test_a_finished_runs_final_checkpoint_is_not_resumed(tmp_path):
     assert last_checkpoint(tmp_path, max_steps=48) == str(tmp_path / "checkpoint-32")
     assert last_checkpoint(tmp_path, max_steps=64) == str(tmp_path / "checkpoint-48")
     assert last_checkpoint(tmp_path, max_steps=32) is None
+
+
+def test_a_log_line_cut_off_by_a_kill_spoils_only_itself(tmp_path):
+    log = tmp_path / "history.jsonl"
+    append_jsonl(log, {"step": 1, "loss": 2.0})
+    with open(log, "a") as handle:
+        handle.write('{"step": 2, "lo')  # killed mid-write
+    append_jsonl(log, {"step": 2, "loss": 1.5})  # the resumed run logs the step again
+    assert read_jsonl(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

@@ -15,6 +15,7 @@ from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
 from qlora_rlhf.reward import HELD_OUT_MARGINS, score_texts
+from qlora_rlhf.sft import HELD_OUT_PERPLEXITY
 from qlora_rlhf.training import TrainingError, train_loss_ends
 
 
@@ -26,6 +27,8 @@ def test_sft_writes_a_loadable_adapter_and_finite_metrics(pipeline):
     metrics = results["sft"]
     assert all(math.isfinite(metrics[k]) for k in ("perplexity_base", "perplexity_sft", "train_loss_last"))
     assert metrics["steps"] == config.sft.max_steps
+    handed_on = json.loads((paths.sft / HELD_OUT_PERPLEXITY).read_text())  # what the evaluation reads
+    assert handed_on == {k: metrics[k] for k in ("perplexity_base", "perplexity_sft")}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_location(paths)), paths.sft / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
     for stage in (paths.sft, paths.rm, paths.ppo):  # sorted, not in set order: the same bytes on every re-run

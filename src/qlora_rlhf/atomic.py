@@ -1,5 +1,6 @@
 """Atomic outputs: write beside the target, then rename, so a killed run never leaves a
-half-written file or folder that looks finished."""
+half-written file or folder that looks finished. Append-only logs (JSON lines) survive a kill too:
+a line cut off mid-write spoils only itself."""
 
 from __future__ import annotations
 
@@ -82,3 +83,24 @@ def write_json(target: Path, payload: object) -> None:
 
 def read_json(path: Path) -> object:
     return json.loads(Path(path).read_text())
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line; a last line cut off by a kill is closed first, so the new row stays whole."""
+    with open(path, "a+b") as handle:
+        torn = False
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+        handle.write((b"\n" if torn else b"") + json.dumps(row).encode() + b"\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, skipping a line cut off by a kill; none if there is no file."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -4,7 +4,8 @@ perplexity, reward-model accuracy, mean reward with 95 % bootstrap intervals, KL
 win rate of PPO over SFT under both judges, response length, and sample generations.
 
 Held-out perplexity of the base and SFT models and the reward model's held-out margins were measured
-by the SFT and RM stages on the whole eval split; they are read, not recomputed (a fifth of this
+by the SFT and RM stages on the whole eval split (sft/held_out_perplexity.json,
+rm/held_out_margins.csv); they are read, not recomputed (a fifth of this
 stage's time), and the PPO policy's perplexity is measured here on the same rows, the same way."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .data import read_split
 from .models import base_location, load_model
 from .paths import RunPaths
 from .reward import HELD_OUT_MARGINS
+from .sft import HELD_OUT_PERPLEXITY
 from .synthetic import gold_score
 from .training import completion_perplexity, require, seed_everything
 
@@ -84,7 +86,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
     generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
 
-    sft_metrics = read_json(require(paths.stage_metrics("sft"), "sft"))
+    sft_metrics = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
     perplexity = {"base": sft_metrics["perplexity_base"], "sft": sft_metrics["perplexity_sft"],
                   "ppo": completion_perplexity(ac.model, tok, [r["prompt"] for r in split], [r["chosen"] for r in split])}
     rm_pairs = pd.read_csv(require(paths.rm / HELD_OUT_MARGINS, "rm"))

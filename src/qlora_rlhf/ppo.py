@@ -182,7 +182,7 @@ def run(config: Config, paths: RunPaths) -> dict:
         start = read_json(resume / "state.json")["step"]
         print(f"ppo: resuming from {resume} (step {start})")
     history = History(paths, "ppo")
-    with Timer() as timer:
+    with Timer(root, start) as timer:
         for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
             batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
@@ -197,6 +197,7 @@ def run(config: Config, paths: RunPaths) -> dict:
                 raise TrainingError(f"step {step}: KL to the reference {metrics['kl']:.2f} exceeds ppo.max_kl="
                                     f"{cfg.max_kl}; stopped, the last good checkpoint is kept in {root}")
             history.log(step, metrics)
+            timer.step_done(step)
             if step % cfg.save_steps == 0 or step == cfg.steps:
                 save_checkpoint(ac, optimizer, step, root)
     with atomic_dir(paths.ppo) as out:

@@ -16,8 +16,8 @@ from .config import Config
 from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, Timer, checkpoints_for, last_checkpoint, match_trainable_dtype, require, save_adapter,
-                       seed_everything, train_loss_ends, trainer_args, write_metrics)
+from .training import (History, HistoryCallback, checkpoints_for, match_trainable_dtype, require, save_adapter, seed_everything,
+                       train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row per pair of the eval split
 
@@ -67,8 +67,7 @@ def run(config: Config, paths: RunPaths) -> dict:
                             peft_config=lora_config(config, task_type="SEQ_CLS"),
                             callbacks=[HistoryCallback(history, ("loss", "accuracy", "margin"))])
     match_trainable_dtype(trainer.model, config)
-    with Timer() as timer:
-        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("rm"), config.rm.max_steps))
+    seconds = train_resumably(trainer, paths, "rm", config.rm.max_steps)
     margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:
@@ -79,7 +78,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     metrics = {
         "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),
         **train_loss_ends(curve),
-        "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1), "eval_pairs": len(margins),
+        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), "eval_pairs": len(margins),
     }
     write_metrics(paths, "rm", metrics)
     print(f"rm: held-out accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:.3f}")

@@ -1,19 +1,23 @@
 """Stage 1, SFT: TRL SFTTrainer on the chosen dialogues, loss on the assistant completion only,
 NF4 base + LoRA, paged AdamW 8-bit, gradient checkpointing. Writes the LoRA adapter, the merged
-SFT model the later stages start from, metrics (held-out perplexity of the base and of the merged
-SFT model) and the loss curve."""
+SFT model the later stages start from, the held-out perplexity of the base and of the merged SFT
+model (in sft/, for the evaluation, and in the metrics with the stage's time) and the loss curve."""
 
 from __future__ import annotations
 
 from datasets import Dataset
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, write_json
 from .config import Config
 from .data import read_split
 from .models import base_location, load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, Timer, checkpoints_for, completion_perplexity, last_checkpoint, match_trainable_dtype, merge_adapter,
-                       require, save_adapter, seed_everything, train_loss_ends, trainer_args, write_metrics)
+from .training import (History, HistoryCallback, checkpoints_for, completion_perplexity, match_trainable_dtype, merge_adapter,
+                       require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
+
+# Read by the evaluation. Not metrics/sft.json: that also holds the stage's wall time, which differs on
+# every run, so depending on it would re-run the evaluation after an SFT re-run with identical outputs.
+HELD_OUT_PERPLEXITY = "held_out_perplexity.json"
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -35,8 +39,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=lora_config(config), callbacks=[HistoryCallback(history, ("loss",))])
     match_trainable_dtype(trainer.model, config)
-    with Timer() as timer:
-        trainer.train(resume_from_checkpoint=last_checkpoint(paths.checkpoints("sft"), config.sft.max_steps))
+    seconds = train_resumably(trainer, paths, "sft", config.sft.max_steps)
 
     with atomic_dir(paths.sft) as out:
         save_adapter(trainer.model, out / "adapter")
@@ -47,11 +50,12 @@ def run(config: Config, paths: RunPaths) -> dict:
         # than the adapter on the original 4-bit base, as QLoRA merges do.
         merged = load_model(out / "merged", config, tokenizer.pad_token_id, trainable=False)
         perplexity_sft = completion_perplexity(merged, tokenizer, prompts, chosen)
+        perplexity = {"perplexity_base": perplexity_base, "perplexity_sft": perplexity_sft}
+        write_json(out / HELD_OUT_PERPLEXITY, perplexity)
     curve = history.write_csv(paths.metrics / "sft_history.csv")
     metrics = {
-        "perplexity_base": perplexity_base, "perplexity_sft": perplexity_sft,
-        **train_loss_ends(curve),
-        "steps": int(trainer.state.global_step), "seconds": round(timer.seconds, 1),
+        **perplexity, **train_loss_ends(curve),
+        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1),
     }
     write_metrics(paths, "sft", metrics)
     print(f"sft: held-out perplexity {perplexity_base:.2f} -> {perplexity_sft:.2f}; adapter in {paths.sft}")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
-from .atomic import write_json
+from .atomic import append_jsonl, read_jsonl, write_json
 from .config import Config
 from .paths import RunPaths
 
@@ -54,19 +54,17 @@ class History:
         self.live = Live(dir=str(paths.dvclive(stage)), resume=self.file.exists(), save_dvc_exp=False, dvcyaml=None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step} | {k: float(v) for k, v in metrics.items()}
-        with open(self.file, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(self.file, {"step": step} | {k: float(v) for k, v in metrics.items()})
         self.live.step = step
         for key, value in metrics.items():
             self.live.log_metric(key, float(value))
         self.live.next_step()
 
     def rows(self) -> pd.DataFrame:
-        if not self.file.exists():
+        rows = read_jsonl(self.file)
+        if not rows:
             return pd.DataFrame(columns=["step"])
-        frame = pd.read_json(self.file, lines=True)
-        return frame.groupby("step", as_index=False).last()  # a resumed run re-logs steps: keep the latest
+        return pd.DataFrame(rows).groupby("step", as_index=False).last()  # a resumed run re-logs steps: keep the latest
 
     def write_csv(self, target: Path) -> pd.DataFrame:
         from .atomic import atomic_file
@@ -104,9 +102,25 @@ def last_checkpoint(folder: Path, max_steps: int) -> str | None:
     so a checkpoint cut off by a kill is skipped; and a finished run's final checkpoint is not
     resumed, because Trainer checks `max_steps` only after a step and would train one step more
     (a re-run of a finished stage must give the same model as the first run)."""
-    done = {int(p.name.split("-")[-1]): p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
+    done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
     resumable = [step for step in done if step < max_steps]
     return str(done[max(resumable)]) if resumable else None
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    """The step of a Trainer checkpoint folder (checkpoint-N); 0 for none."""
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def train_resumably(trainer, paths: RunPaths, stage: str, max_steps: int) -> float:
+    """`trainer.train()`, resumed from the stage's last complete checkpoint if there is one; returns
+    the training seconds, counted across resumes (Timer)."""
+    resume = last_checkpoint(paths.checkpoints(stage), max_steps)
+    timer = Timer(paths.checkpoints(stage), checkpoint_step(resume))
+    trainer.add_callback(TimerCallback(timer))
+    with timer:
+        trainer.train(resume_from_checkpoint=resume)
+    return timer.seconds
 
 
 def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
@@ -208,12 +222,38 @@ def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Pa
 
 
 class Timer:
+    """Seconds spent in a training loop, carried across a resume. After each step (and so before any
+    checkpoint of that step exists) `step_done` appends the running total to checkpoints/<stage>/
+    seconds.jsonl; a run resumed from step N starts from step N's total. Steps lost to a kill, after
+    the last checkpoint, are not counted: `seconds` is the time of the steps that made the outputs."""
+
+    def __init__(self, checkpoints: Path, resumed_step: int = 0):
+        self.file = Path(checkpoints) / "seconds.jsonl"
+        totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}  # the latest run's, for a re-run step
+        self.before = totals.get(resumed_step, 0.0) if resumed_step else 0.0
+
     def __enter__(self):
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = self.elapsed()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def step_done(self, step: int) -> None:
+        append_jsonl(self.file, {"step": step, "seconds": round(self.elapsed(), 2)})
+
+
+class TimerCallback(TrainerCallback):
+    """Records a Trainer's steps in a Timer (on_step_end runs before the step's checkpoint is saved)."""
+
+    def __init__(self, timer: Timer):
+        self.timer = timer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.timer.step_done(state.global_step)
 
 
 def write_metrics(paths: RunPaths, stage: str, metrics: dict) -> None:
