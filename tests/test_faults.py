@@ -71,6 +71,63 @@ def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_p
     assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipeline, tmp_path, tiny_model_dir):
+    """Trainer resumes by loading the checkpoint's adapter through peft, which cast bf16 LoRA weights
+    up to float32: the resumed run trained on in float32 and ended with another model (the embedded
+    default's SFT perplexity 1.840 after a resume at step 20, 1.845 without)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_rlhf import reward, sft
+    from qlora_rlhf.config import Config
+    from qlora_rlhf.paths import RunPaths
+
+    _, paths, _ = pipeline
+    config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"model.compute_dtype": "bfloat16"}))
+    run = RunPaths.of(config)
+    for needed in NEEDS[stage]:
+        shutil.copytree(paths.root / needed, run.root / needed)
+    module, adapter = {"sft": sft, "rm": reward}[stage], run.root / stage / "adapter" / "adapter_model.safetensors"
+    module.run(config, run)  # 4 steps, checkpoints at 2 and 4
+    uninterrupted = load_file(adapter)
+    module.run(config, run)  # resumes from checkpoint-2: a finished run's last checkpoint is not resumed
+    resumed = load_file(adapter)
+    steps = [row["step"] for row in read_jsonl(run.checkpoints(stage) / "seconds.jsonl")]
+    assert steps == [1, 2, 3, 4, 3, 4]
+    assert {tensor.dtype for tensor in resumed.values()} == {torch.bfloat16}
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+
+
+def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp_path, tiny_model_dir):
+    """Two PPO steps, then the same run lengthened to three (it resumes from step 2), against three
+    steps straight: the same policy adapter and value head, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_rlhf import ppo
+    from qlora_rlhf.config import Config
+    from qlora_rlhf.paths import RunPaths
+
+    _, paths, _ = pipeline
+    configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n})) for n in (2, 3)}
+    run = RunPaths.of(configs[3])
+    for needed in NEEDS["ppo"]:
+        shutil.copytree(paths.root / needed, run.root / needed)
+
+    def outputs():
+        return load_file(run.ppo / "adapter" / "adapter_model.safetensors") | torch.load(run.ppo / "value_head.pt")
+
+    ppo.run(configs[3], run)
+    straight = outputs()
+    shutil.rmtree(run.checkpoints("ppo"))
+    ppo.run(configs[2], run)
+    ppo.run(configs[3], run)
+    assert [row["step"] for row in read_jsonl(run.checkpoints("ppo") / "seconds.jsonl")] == [1, 2, 3]
+    resumed = outputs()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
 def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
     from qlora_rlhf.training import last_checkpoint
 

@@ -16,7 +16,7 @@ from .config import Config
 from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, checkpoints_for, match_trainable_dtype, require, save_adapter, seed_everything,
+from .training import (History, HistoryCallback, checkpoints_for, require, save_adapter, seed_everything,
                        train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row per pair of the eval split
@@ -66,8 +66,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                             peft_config=lora_config(config, task_type="SEQ_CLS"),
                             callbacks=[HistoryCallback(history, ("loss", "accuracy", "margin"))])
-    match_trainable_dtype(trainer.model, config)
-    seconds = train_resumably(trainer, paths, "rm", config.rm.max_steps)
+    seconds = train_resumably(trainer, config, paths, "rm")
     margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:

@@ -12,7 +12,7 @@ from .config import Config
 from .data import read_split
 from .models import base_location, load_model, load_tokenizer, lora_config
 from .paths import RunPaths
-from .training import (History, HistoryCallback, checkpoints_for, completion_perplexity, match_trainable_dtype, merge_adapter,
+from .training import (History, HistoryCallback, checkpoints_for, completion_perplexity, merge_adapter,
                        require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 # Read by the evaluation. Not metrics/sft.json: that also holds the stage's wall time, which differs on
@@ -38,8 +38,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=lora_config(config), callbacks=[HistoryCallback(history, ("loss",))])
-    match_trainable_dtype(trainer.model, config)
-    seconds = train_resumably(trainer, paths, "sft", config.sft.max_steps)
+    seconds = train_resumably(trainer, config, paths, "sft")
 
     with atomic_dir(paths.sft) as out:
         save_adapter(trainer.model, out / "adapter")

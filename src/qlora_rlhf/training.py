@@ -112,15 +112,29 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
 
-def train_resumably(trainer, paths: RunPaths, stage: str, max_steps: int) -> float:
-    """`trainer.train()`, resumed from the stage's last complete checkpoint if there is one; returns
-    the training seconds, counted across resumes (Timer)."""
-    resume = last_checkpoint(paths.checkpoints(stage), max_steps)
+def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> float:
+    """`trainer.train()` with the trainable params in the compute dtype, resumed from the stage's last
+    complete checkpoint if there is one; returns the training seconds, counted across resumes (Timer)."""
+    resume = last_checkpoint(paths.checkpoints(stage), getattr(config, stage).max_steps)
     timer = Timer(paths.checkpoints(stage), checkpoint_step(resume))
+    match_trainable_dtype(trainer.model, config)
+    trainer.add_callback(TrainableDtypeCallback(config))
     trainer.add_callback(TimerCallback(timer))
     with timer:
         trainer.train(resume_from_checkpoint=resume)
     return timer.seconds
+
+
+class TrainableDtypeCallback(TrainerCallback):
+    """match_trainable_dtype again once a resume has loaded its checkpoint: Trainer loads the adapter
+    through peft's load_adapter, which casts bf16 LoRA weights up to float32, so a resumed bf16 run
+    trained on in float32 and ended with another model than an uninterrupted run."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        match_trainable_dtype(model, self.config)
 
 
 def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
