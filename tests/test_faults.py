@@ -30,6 +30,12 @@ def _cli(params: Path, verb: str) -> list[str]:
     return [sys.executable, "-m", "qlora_rlhf", verb, "--params", str(params)]
 
 
+def _copy_inputs(pipeline_paths, run: Path, stage: str) -> None:
+    """The stage's inputs (data, base, upstream stages) from the finished tiny pipeline into `run`."""
+    for needed in NEEDS[stage]:
+        shutil.copytree(pipeline_paths.root / needed, run / needed)
+
+
 def _history_steps(run: Path, stage: str) -> list[int]:
     lines = (run / "checkpoints" / stage / "history.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines]
@@ -40,8 +46,7 @@ def _history_steps(run: Path, stage: str) -> list[int]:
 def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_path, tiny_model_dir):
     _, paths, _ = pipeline
     run = tmp_path / "results" / "smoke"
-    for needed in NEEDS[stage]:  # inputs from the finished tiny pipeline
-        shutil.copytree(paths.root / needed, run / needed)
+    _copy_inputs(paths, run, stage)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **LONG[stage])))
 
@@ -86,8 +91,7 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
     _, paths, _ = pipeline
     config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"model.compute_dtype": "bfloat16"}))
     run = RunPaths.of(config)
-    for needed in NEEDS[stage]:
-        shutil.copytree(paths.root / needed, run.root / needed)
+    _copy_inputs(paths, run.root, stage)
     module, adapter = {"sft": sft, "rm": reward}[stage], run.root / stage / "adapter" / "adapter_model.safetensors"
     module.run(config, run)  # 4 steps, checkpoints at 2 and 4
     uninterrupted = load_file(adapter)
@@ -112,8 +116,7 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
     _, paths, _ = pipeline
     configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n})) for n in (2, 3)}
     run = RunPaths.of(configs[3])
-    for needed in NEEDS["ppo"]:
-        shutil.copytree(paths.root / needed, run.root / needed)
+    _copy_inputs(paths, run.root, "ppo")
 
     def outputs():
         return load_file(run.ppo / "adapter" / "adapter_model.safetensors") | torch.load(run.ppo / "value_head.pt")
