@@ -78,6 +78,17 @@ def test_validate_without_bitsandbytes(write_params, monkeypatch, capsys):
     assert "model.quantization: 'nf4' needs bitsandbytes" in err and "set model.quantization: none" in err
 
 
+def test_only_the_verbs_that_load_a_model_need_bitsandbytes(write_params, monkeypatch, capsys):
+    """data, figures and paper skip the 4-second bitsandbytes import; a model stage still refuses
+    before any work."""
+    path = write_params()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert cli.main(["data", "--params", str(path)]) == 0
+    assert cli.main(["sft", "--params", str(path)]) == 2
+    assert "model.quantization: 'nf4' needs bitsandbytes" in capsys.readouterr().err
+    assert not RunPaths.of(load_config(path)).checkpoints("sft").exists()
+
+
 def test_data_verb_runs_and_user_errors_exit_1(write_params, tmp_path, capsys):
     path = write_params()
     assert cli.main(["data", "--params", str(path)]) == 0
