@@ -59,9 +59,10 @@ def test_training_time_counts_the_steps_before_the_resumed_checkpoint(tmp_path):
 
     for step, seconds in ((1, 10.0), (2, 20.0), (3, 30.0), (2, 7.0)):  # steps 1-3, killed; a restart re-ran step 2
         append_jsonl(tmp_path / "seconds.jsonl", {"step": step, "seconds": seconds})
-    assert Timer(tmp_path, 0).before == 0.0
     assert Timer(tmp_path, 1).before == 10.0
     with Timer(tmp_path, 2) as timer:  # the latest record of step 2
         timer.step_done(3)
     assert 7.0 <= timer.seconds < 17.0
     assert 7.0 <= Timer(tmp_path, 3).before <= timer.seconds + 0.01  # the re-run step 3, not the killed one's 30
+    assert Timer(tmp_path, 0).before == 0.0  # a fresh start drops the stale totals
+    assert not (tmp_path / "seconds.jsonl").exists()

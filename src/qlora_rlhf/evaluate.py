@@ -86,8 +86,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
     generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
 
-    sft_metrics = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
-    perplexity = {"base": sft_metrics["perplexity_base"], "sft": sft_metrics["perplexity_sft"],
+    measured_by_sft = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
+    perplexity = {"base": measured_by_sft["perplexity_base"], "sft": measured_by_sft["perplexity_sft"],
                   "ppo": completion_perplexity(ac.model, tok, [r["prompt"] for r in split], [r["chosen"] for r in split])}
     rm_pairs = pd.read_csv(require(paths.rm / HELD_OUT_MARGINS, "rm"))
 

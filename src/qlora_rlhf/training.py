@@ -243,8 +243,12 @@ class Timer:
 
     def __init__(self, checkpoints: Path, resumed_step: int = 0):
         self.file = Path(checkpoints) / "seconds.jsonl"
-        totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}  # the latest run's, for a re-run step
-        self.before = totals.get(resumed_step, 0.0) if resumed_step else 0.0
+        self.before = 0.0
+        if resumed_step:
+            totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}  # the latest run's, for a re-run step
+            self.before = totals.get(resumed_step, 0.0)
+        else:  # a fresh start: totals left by an earlier run are stale
+            self.file.unlink(missing_ok=True)
 
     def __enter__(self):
         self.start = time.perf_counter()
