@@ -1,30 +1,10 @@
-"""Sampling for PPO rollouts and the evaluation: `actor.InverseCDFSampler` inside `generate`."""
+"""Sampling for PPO rollouts and the evaluation (`actor.sample`)."""
 
 from __future__ import annotations
 
 import torch
 
-from qlora_rlhf.actor import ActorCritic, InverseCDFSampler, response_mask, sample, token_logprobs
-
-
-def test_draws_follow_the_tempered_softmax():
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -torch.inf])
-    rows, temperature = 40_000, 0.7
-    torch.manual_seed(0)
-    out = InverseCDFSampler(temperature)(None, logits.repeat(rows, 1))
-    assert torch.equal(torch.isfinite(out).sum(1), torch.ones(rows, dtype=torch.long))  # one token per row
-    assert out.max() == 0.0
-    counts = torch.bincount(out.argmax(1), minlength=len(logits)).float() / rows
-    expected = torch.softmax(logits / temperature, 0)
-    assert counts[-1] == 0  # a token of probability zero is never drawn
-    assert (counts - expected).abs().max() < 0.01  # 5 standard errors at 40,000 draws
-
-
-def test_a_certain_token_is_drawn_every_time():
-    logits = torch.full((3, 10), -torch.inf)
-    logits[torch.arange(3), torch.tensor([0, 4, 9])] = 1.0  # the first, a middle and the last token
-    torch.manual_seed(0)
-    assert torch.equal(InverseCDFSampler(1.0)(None, logits).argmax(1), torch.tensor([0, 4, 9]))
+from qlora_rlhf.actor import ActorCritic, response_mask, sample, token_logprobs
 
 
 def test_sample_is_seeded_and_its_log_probs_are_the_policys(pipeline):
