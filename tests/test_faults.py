@@ -37,8 +37,7 @@ def _copy_inputs(pipeline_paths, run: Path, stage: str) -> None:
 
 
 def _history_steps(run: Path, stage: str) -> list[int]:
-    lines = (run / "checkpoints" / stage / "history.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
+    return [row["step"] for row in read_jsonl(run / "checkpoints" / stage / "history.jsonl")]
 
 
 @pytest.mark.slow
