@@ -59,6 +59,8 @@ def write_fake_results(root: Path) -> Path:
             rows.append([policy, prompt, "word " * rng.randint(3, 30) + "caf\u00e9 \u2014 done_",
                          shift + rng.gauss(0, 1), 0.4 + shift / 20 + rng.gauss(0, 0.1)])
     write_csv(eval_dir / "generations.csv", ["policy", "prompt", "response", "reward", "gold"], rows)
+    write_csv(eval_dir / "gold_by_category.csv", ["category", "base", "sft", "ppo", "prompts"],
+              [["arithmetic", 0.05, 0.41, 0.39, 56], ["harmful", 0.02, 0.39, 0.98, 49]])
     write_csv(eval_dir / "rm_pairs.csv", ["margin", "correct"],
               [[m, int(m > 0)] for m in (rng.gauss(0.8, 1.0) for _ in range(64))])
     return root

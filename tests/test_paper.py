@@ -47,7 +47,7 @@ def _trace(macro: paper.Macro, results: Path, params: dict) -> object:
     if path.suffix == ".json":
         return json.loads(path.read_text())[key]
     row_key, column = key.split(".")
-    first = "policy" if path.name == "summary.csv" else "judge"
+    first = {"summary.csv": "policy", "winrate.csv": "judge", "gold_by_category.csv": "category"}[path.name]
     rows = {row[first]: row for row in csv.DictReader(path.open())}
     return rows[row_key][column]
 

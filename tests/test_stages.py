@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_rlhf import ppo
+from qlora_rlhf import ppo, synthetic
 from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
@@ -152,6 +152,18 @@ def test_evaluation_tables(pipeline):
     assert eval_metrics["rm_accuracy"] == results["rm"]["accuracy"]  # the RM stage's measurement, read
     assert summary.set_index("policy").loc["sft", "perplexity"] == results["sft"]["perplexity_sft"]
     assert eval_metrics["winrate_rm"] == results["eval"]["winrate_rm"]
+
+
+def test_gold_by_category_averages_the_generations_per_kind_of_question(pipeline):
+    _, paths, _ = pipeline
+    table = pd.read_csv(paths.eval / "gold_by_category.csv").set_index("category")
+    generations = pd.read_csv(paths.eval / "generations.csv").dropna(subset=["gold"])
+    generations["category"] = generations["prompt"].map(synthetic.prompt_category)
+    assert list(table.columns) == ["base", "sft", "ppo", "prompts"]
+    assert table["prompts"].sum() == (generations["policy"] == "ppo").sum()
+    for (category, policy), gold in generations.groupby(["category", "policy"])["gold"]:
+        assert table.loc[category, policy] == pytest.approx(gold.mean())
+    assert (paths.eval / "gold_by_category.tex").stat().st_size > 0
 
 
 def test_ppo_guard_stops_on_non_finite_loss_and_keeps_the_last_good_checkpoint(pipeline, monkeypatch):

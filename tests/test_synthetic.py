@@ -90,3 +90,13 @@ def test_some_rejected_replies_answer_another_question():
     rows = [parse_row(row) for row in synthetic.generate(400, seed=5)]
     off_topic = [p for p in rows if p.rejected.strip() in {q.chosen.strip() for q in rows} and p.rejected != p.chosen]
     assert 0.1 < len(off_topic) / len(rows) < 0.4
+
+
+@pytest.mark.parametrize(("ask", "category"), [
+    ("What is 3 plus 4?", "arithmetic"), ("How many grams are in 2 kilograms?", "units"),
+    ("What is the opposite of hot?", "words"), ("Can you suggest a healthy breakfast?", "help"),
+    (synthetic.HARMFUL[0], "harmful"), ("What is the capital of France?", None),
+])
+def test_prompt_category_reads_the_last_question(ask, category):
+    earlier = f"{HUMAN} What is 1 plus 1?{ASSISTANT} 1 plus 1 is 2."
+    assert synthetic.prompt_category(f"{earlier}{HUMAN} {ask}{ASSISTANT}") == category

@@ -25,7 +25,7 @@ from .models import base_location, load_model
 from .paths import RunPaths
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
-from .synthetic import gold_score
+from .synthetic import gold_score, prompt_category
 from .training import completion_perplexity, require, seed_everything
 
 
@@ -68,6 +68,17 @@ def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config
                          "response_length": int(resp_mask[i].sum()),
                          "ends_with_eos": bool((response[i] == tok.eos_token_id).any())})
     return pd.DataFrame(rows)
+
+
+def gold_by_category(generations: pd.DataFrame) -> pd.DataFrame:
+    """Mean gold score per kind of question (rows) and policy (columns): where a gain comes from."""
+    judged = generations.dropna(subset=["gold"]).assign(category=lambda f: f["prompt"].map(prompt_category))
+    if judged.empty:  # real prompts: no gold judge
+        return pd.DataFrame(columns=["category", *dict.fromkeys(generations["policy"]), "prompts"])
+    table = judged.pivot_table(index="category", columns="policy", values="gold", aggfunc="mean")
+    table = table[list(dict.fromkeys(judged["policy"]))]  # the policies in evaluation order
+    prompts = judged[judged["policy"] == judged["policy"].iloc[0]].groupby("category").size().rename("prompts")
+    return table.join(prompts).reset_index()
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -114,11 +125,13 @@ def run(config: Config, paths: RunPaths) -> dict:
             low, high = bootstrap_ci(wins, samples, seed)
             winrate.append({"judge": judge, "win_rate": wins.mean(), "ci_low": low, "ci_high": high, "prompts": int(keep.sum())})
     winrate = pd.DataFrame(winrate)
+    by_category = gold_by_category(generations)
     shown = generations[generations["prompt"].isin(sample_prompts)]
     samples_table = shown.pivot_table(index="prompt", columns="policy", values="response", aggfunc="first").reset_index()
 
     with atomic_dir(paths.eval) as out:
-        for name, frame in {"summary": summary, "winrate": winrate, "samples": samples_table}.items():
+        tables = {"summary": summary, "winrate": winrate, "gold_by_category": by_category, "samples": samples_table}
+        for name, frame in tables.items():
             frame.to_csv(out / f"{name}.csv", index=False)
             frame.to_latex(out / f"{name}.tex", index=False, float_format="%.3f", escape=True)
         generations.to_csv(out / "generations.csv", index=False)

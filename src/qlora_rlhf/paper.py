@@ -1,9 +1,11 @@
 """The paper stage: every number in paper/*.tex is a macro generated here from results/<run>/.
 
 results/<run>/paper/ gets (written atomically):
-- macros.tex     \\Res... from metrics/*.json, eval/summary.csv and eval/winrate.csv;
+- macros.tex     \\Res... from metrics/*.json, eval/summary.csv, eval/winrate.csv and
+                 eval/gold_by_category.csv;
                  \\Cfg... from the params (setup table); one `% source` comment per macro
-- tables/*.tex   setup, training, summary and win-rate tables (cells are the macros) + samples
+- tables/*.tex   setup, training, summary, win-rate and gold-by-category tables (cells are the
+                 macros) + samples
 - figures/*.pdf  copied from results/<run>/figures
 - the paper sources from paper/, and paper.pdf built with latexmk
 
@@ -33,6 +35,7 @@ POLICIES = ("base", "sft", "ppo")
 SUMMARY_COLUMNS = ("reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low", "gold_ci_high",
                    "kl_to_sft", "response_length", "eos_fraction")
 WINRATE_COLUMNS = ("win_rate", "ci_low", "ci_high")
+CATEGORY_COLUMNS = (*POLICIES, "prompts")
 INSTALL_HINT = "install it with: sudo apt-get install $(cat scripts/apt-packages.txt)"
 
 
@@ -156,6 +159,10 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
     for judge, row in _read_rows(eval_dir / "winrate.csv", "judge", WINRATE_COLUMNS).items():
         for column in WINRATE_COLUMNS:
             add(f"ResWinrate{camel(judge)}{camel(column)}", fmt(row.get(column)), f"eval/winrate.csv:{judge}.{column}")
+    for category, row in _read_rows(eval_dir / "gold_by_category.csv", "category", CATEGORY_COLUMNS).items():
+        for column in CATEGORY_COLUMNS:
+            add(f"ResGold{camel(category)}{camel(column)}", fmt(row.get(column)),
+                f"eval/gold_by_category.csv:{category}.{column}")
     for key, value in _flatten("", params):
         add(f"Cfg{camel(key)}", _config_value(value), f"params:{key}")
     return macros
@@ -238,6 +245,14 @@ def winrate_table(judges: list[str]) -> str:
     return _table("@{}lrl@{}", r"Judge & PPO win rate vs SFT & 95\% CI", rows)
 
 
+def gold_by_category_table(categories: list[str]) -> str:
+    if not categories:
+        return "\\emph{No gold judge on this data.}\n"
+    rows = [f"{escape(c.capitalize())} & " + " & ".join(f"\\ResGold{camel(c)}{camel(col)}" for col in CATEGORY_COLUMNS)
+            for c in categories]
+    return _table("@{}lrrrr@{}", r"Question & Base & SFT & PPO & Prompts", rows)
+
+
 def samples_table(eval_dir: Path, count: int, max_chars: int = 220) -> str:
     path = eval_dir / "generations.csv"
     if not path.is_file() or count <= 0:
@@ -311,6 +326,9 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
     (tables / "training.tex").write_text(training_table())
     (tables / "summary.tex").write_text(summary_table(policies))
     (tables / "winrate.tex").write_text(winrate_table(judges))
+    categories = sorted({m.source.split(":")[1].split(".")[0] for m in macros.values()
+                         if m.source.startswith("eval/gold_by_category.csv:")})
+    (tables / "gold_by_category.tex").write_text(gold_by_category_table(categories))
     (tables / "samples.tex").write_text(samples_table(eval_dir, samples))
     (out / "figures").mkdir()
     pdfs = sorted(figures.glob("*.pdf"))

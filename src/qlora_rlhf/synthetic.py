@@ -166,6 +166,15 @@ _WORD = re.compile(r"What is the opposite of (\w+)\?")
 _HELP = re.compile(r"Can you suggest (.+)\?")
 
 
+def prompt_category(prompt: str) -> str | None:
+    """The category of the last question, by its wording; None for a question that is not ours."""
+    ask = last_human_turn(prompt)
+    if ask in HARMFUL:
+        return "harmful"
+    asks = {"arithmetic": _ARITH, "units": _UNIT, "words": _WORD, "help": _HELP}
+    return next((name for name, pattern in asks.items() if pattern.fullmatch(ask)), None)
+
+
 def _numbers(text: str) -> list[int]:
     return [int(x) for x in re.findall(r"-?\d+", text)]
 
