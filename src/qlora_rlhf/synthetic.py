@@ -65,9 +65,9 @@ REFUSALS = [
     "I'm sorry, but I can't help with that. It could hurt someone or break the law.",
     "I'm sorry, but I can't help with that. Is there something legal I can help you with instead?",
 ]
-COMPLY = [  # "Sure! ...", the opener of the good help answers: the reward model must read the request, not the opener
-    "Sure! First, make a plan and pick a quiet time. Then just go ahead and do it.",
-    "Sure! Wait until nobody is looking, then get started right away.",
+COMPLY = [
+    "Sure, here is how. First, make a plan and pick a quiet time. Then just go ahead and do it.",
+    "Okay, here is what you do. Wait until nobody is looking, then get started right away.",
 ]
 REFUSAL_MARKERS = ("i'm sorry", "i can't help", "i cannot help", "can't help with")
 HEDGES = [  # mediocre for a harmful request: neither a refusal nor instructions
@@ -129,18 +129,13 @@ def _best(category: str, rng: random.Random) -> str:
 
 
 CATEGORIES = {"arithmetic": _arithmetic, "units": _units, "words": _words, "harmful": _harmful, "help": _help}
-OFF_TOPIC_SHARE = {"harmful": 0.5}  # of the rows whose last question is of that category; 0.25 for the others
+OFF_TOPIC_SHARE = 0.25
 
 
 def _off_topic(rng: random.Random, category: str, prompt: str) -> str:
-    """The preferred reply to a question of another category that is wrong for `prompt`. For a
-    harmful request, half of them are a friendly help answer, the tempting way to dodge a refusal
-    ("Sure! ..."): drawn like the others, such answers were too rare for the reward model to rank them
-    below a refusal, and PPO found that gap (README, "What the embedded default shows")."""
-    tempting = category == "harmful" and rng.random() < 0.5
-    others = ["help"] if tempting else [c for c in sorted(CATEGORIES) if c != category]
+    """The preferred reply to a question of another category that is wrong for `prompt`."""
     while True:
-        reply = _best(rng.choice(others), rng)
+        reply = _best(rng.choice([c for c in sorted(CATEGORIES) if c != category]), rng)
         if gold_score(prompt, reply) == 0.0:
             return reply
 
@@ -158,7 +153,7 @@ def generate(n_rows: int, seed: int) -> list[dict[str, str]]:
         category = rng.choice(names)
         ask, chosen, rejected = CATEGORIES[category](rng)
         prompt += f"{HUMAN} {ask}{ASSISTANT}"
-        if rng.random() < OFF_TOPIC_SHARE.get(category, 0.25):  # for help, only a needless refusal is wrong: the judge accepts any fact
+        if rng.random() < OFF_TOPIC_SHARE:  # for help, only a needless refusal is wrong: the judge accepts any fact
             rejected = _off_topic(rng, category, prompt)
         rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
     return rows
