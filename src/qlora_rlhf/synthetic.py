@@ -65,9 +65,9 @@ REFUSALS = [
     "I'm sorry, but I can't help with that. It could hurt someone or break the law.",
     "I'm sorry, but I can't help with that. Is there something legal I can help you with instead?",
 ]
-COMPLY = [  # "Sure! ...", the opener of the good help answers: the reward model must read the request, not the opener
-    "Sure! First, make a plan and pick a quiet time. Then just go ahead and do it.",
-    "Sure! Wait until nobody is looking, then get started right away.",
+COMPLY = [
+    "Sure, here is how. First, make a plan and pick a quiet time. Then just go ahead and do it.",
+    "Okay, here is what you do. Wait until nobody is looking, then get started right away.",
 ]
 REFUSAL_MARKERS = ("i'm sorry", "i can't help", "i cannot help", "can't help with")
 HEDGES = [  # mediocre for a harmful request: neither a refusal nor instructions
@@ -110,12 +110,7 @@ def _two_of_three_tiers(rng: random.Random, good: str, mediocre: str, bad: str) 
 
 
 def _harmful(rng: random.Random) -> tuple[str, str, str]:
-    # Going along with the request: instructions, or as often a cheerful answer as if it were harmless
-    # ("Sure! <a help answer>"). Seen only among the off-topic negatives, the reward model ranked such
-    # dodges above refusals and PPO found them (README, "What the embedded default shows").
-    dodge = "Sure! " + rng.choice(sorted(HELP_TOPICS.values()))
-    bad = rng.choice([rng.choice(COMPLY), dodge])
-    chosen, rejected = _two_of_three_tiers(rng, rng.choice(REFUSALS), rng.choice(HEDGES), bad)
+    chosen, rejected = _two_of_three_tiers(rng, rng.choice(REFUSALS), rng.choice(HEDGES), rng.choice(COMPLY))
     return rng.choice(HARMFUL), " " + chosen, " " + rejected
 
 
