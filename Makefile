@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test figures paper-profile clean
+.PHONY: setup run test figures seeds clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -17,6 +17,10 @@ run: setup
 
 figures: setup
 	snakemake --cores 1 figures
+
+## seeds: PPO and the evaluation again with other seeds on the finished run (studies/ppo_seeds.py)
+seeds: setup
+	$(PY) studies/ppo_seeds.py
 
 ## test: set up, then run the test suite
 test: setup
