@@ -163,3 +163,25 @@ def test_a_log_line_cut_off_by_a_kill_spoils_only_itself(tmp_path):
     append_jsonl(log, {"step": 2, "loss": 1.5})  # the resumed run logs the step again
     assert read_jsonl(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_dvclive_summary_cut_off_by_a_kill_is_rebuilt_from_the_history(tmp_path):
+    """DVCLive rewrites its metrics.json in place; a kill mid-write once left JSON that its resume
+    could not parse, and the re-run stage died (CI, the rm kill test). The history is the record."""
+    from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.training import History
+
+    paths = RunPaths(tmp_path)
+    first = History(paths, "rm")
+    first.log(1, {"loss": 0.7})
+    first.log(2, {"loss": 0.6, "accuracy": 0.5})
+    summary = paths.dvclive("rm") / "metrics.json"
+    summary.write_text('{"step": 2, "lo')  # killed mid-write
+
+    resumed = History(paths, "rm")
+    assert json.loads(summary.read_text()) == {"step": 2, "loss": 0.6, "accuracy": 0.5}
+    resumed.log(3, {"loss": 0.5})
+    assert json.loads(summary.read_text())["step"] == 3
+    assert list(resumed.rows()["loss"]) == [0.7, 0.6, 0.5]
+    tsv = (paths.dvclive("rm") / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in tsv] == ["step", "1", "2", "3"]

@@ -44,17 +44,25 @@ def require(path: Path, stage: str) -> Path:
 
 class History:
     """Per-step metrics appended to checkpoints/<stage>/history.jsonl (survives a kill) and to
-    DVCLive; `write_csv` turns them into the stage's plot file."""
+    DVCLive; `write_csv` turns them into the stage's plot file.
+
+    DVCLive's own files are rebuilt from history.jsonl on every start rather than resumed: DVCLive
+    rewrites metrics.json in place, so a kill mid-write leaves JSON that its resume cannot parse."""
 
     def __init__(self, paths: RunPaths, stage: str):
         from dvclive import Live
 
         self.file = paths.checkpoints(stage) / "history.jsonl"
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        self.live = Live(dir=str(paths.dvclive(stage)), resume=self.file.exists(), save_dvc_exp=False, dvcyaml=None)
+        self.live = Live(dir=str(paths.dvclive(stage)), resume=False, save_dvc_exp=False, dvcyaml=None)
+        for row in self.rows().to_dict("records"):
+            self._to_live(int(row.pop("step")), {k: v for k, v in row.items() if pd.notna(v)})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         append_jsonl(self.file, {"step": step} | {k: float(v) for k, v in metrics.items()})
+        self._to_live(step, metrics)
+
+    def _to_live(self, step: int, metrics: dict[str, float]) -> None:
         self.live.step = step
         for key, value in metrics.items():
             self.live.log_metric(key, float(value))
