@@ -3,8 +3,6 @@ checkpoints, held-out perplexity, the non-finite guard and merging an adapter in
 
 from __future__ import annotations
 
-from .errors import TrainingError  # noqa: F401  (re-exported)
-
 import hashlib
 import json
 import math
@@ -17,11 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
-from .atomic import append_jsonl, read_jsonl, write_json
+from .atomic import append_jsonl, atomic_file, read_jsonl, write_json
 from .config import Config
+from .errors import TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
-
-
 
 
 def check_finite(step: int, **values: float) -> None:
@@ -75,8 +72,6 @@ class History:
         return pd.DataFrame(rows).groupby("step", as_index=False).last()  # a resumed run re-logs steps: keep the latest
 
     def write_csv(self, target: Path) -> pd.DataFrame:
-        from .atomic import atomic_file
-
         frame = self.rows()
         with atomic_file(target) as handle:
             frame.to_csv(handle, index=False)
@@ -239,7 +234,8 @@ def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Pa
         print(f"{stage}: params or inputs changed since the checkpoints in {root} were written; starting over")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest.hexdigest())
+    with atomic_file(stamp) as handle:  # a torn stamp would not crash, but it would throw the checkpoints away
+        handle.write(digest.hexdigest())
     return root
 
 
