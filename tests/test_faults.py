@@ -133,11 +133,11 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
 def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
     from qlora_rlhf.training import last_checkpoint
 
-    for step, complete in ((2, True), (4, False)):
+    for step, state in ((2, "{}"), (4, None), (6, '{"best_metric": nu')):  # 6: killed while Trainer wrote it
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path, max_steps=10) == str(tmp_path / "checkpoint-2")
     assert last_checkpoint(tmp_path / "missing", max_steps=10) is None
 

@@ -101,13 +101,21 @@ class HistoryCallback(TrainerCallback):
 
 
 def last_checkpoint(folder: Path, max_steps: int) -> str | None:
-    """The newest complete Trainer checkpoint before `max_steps`: trainer_state.json is written last,
-    so a checkpoint cut off by a kill is skipped; and a finished run's final checkpoint is not
-    resumed, because Trainer checks `max_steps` only after a step and would train one step more
-    (a re-run of a finished stage must give the same model as the first run)."""
-    done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*") if (p / "trainer_state.json").is_file()}
+    """The newest complete Trainer checkpoint before `max_steps`: trainer_state.json is written last
+    (and not atomically), so a checkpoint cut off by a kill, even in that file, is skipped; and a
+    finished run's final checkpoint is not resumed, because Trainer checks `max_steps` only after a
+    step and would train one step more (a re-run of a finished stage must give the same model)."""
+    done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")}
     resumable = [step for step in done if step < max_steps]
     return str(done[max(resumable)]) if resumable else None
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def checkpoint_step(checkpoint: str | Path | None) -> int:
