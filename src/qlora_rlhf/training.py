@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
-from .atomic import append_jsonl, atomic_file, read_jsonl, write_json
+from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_json
 from .config import Config
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
@@ -112,7 +112,7 @@ def last_checkpoint(folder: Path, max_steps: int) -> str | None:
 
 def _readable_json(path: Path) -> bool:
     try:
-        json.loads(path.read_text())
+        read_json(path)
     except (OSError, ValueError):
         return False
     return True
