@@ -8,46 +8,52 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NamedTuple
 
 from .config import ConfigError, check_runtime, load_config
 from .errors import UserError
 from .paths import RunPaths
 
-# verb -> (module, help); each module has run(config, paths)
+
+class Verb(NamedTuple):
+    module: str  # has run(config, paths)
+    loads_model: bool  # then it first checks that the installed packages can run the params
+    help: str
+
+
+# Only the verbs that load a model import bitsandbytes (and torch with it) for that check: 4 s of
+# each data, figures and paper run.
 STAGES = {
-    "data": ("qlora_rlhf.stages.data", "build disjoint sft/rm/ppo subsets, eval split and manifest"),
-    "base": ("qlora_rlhf.stages.base", "prepare the base model directory (converts the embedded GGUF once)"),
-    "sft": ("qlora_rlhf.sft", "supervised fine-tuning on chosen dialogues (QLoRA)"),
-    "rm": ("qlora_rlhf.reward", "reward model on preference pairs, warm-started from SFT"),
-    "ppo": ("qlora_rlhf.ppo", "PPO against the frozen reward model with a KL anchor to SFT"),
-    "evaluate": ("qlora_rlhf.evaluate", "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
-    "figures": ("qlora_rlhf.figures", "seaborn figures from metrics and tables"),
-    "paper": ("qlora_rlhf.paper", "LaTeX macros and tables from the results; the PDF where latexmk exists"),
-    "plan-memory": ("qlora_rlhf.memory", "expected peak memory per stage for a params file"),
+    "data": Verb("qlora_rlhf.stages.data", False, "build disjoint sft/rm/ppo subsets, eval split and manifest"),
+    "base": Verb("qlora_rlhf.stages.base", True, "prepare the base model directory (converts the embedded GGUF once)"),
+    "sft": Verb("qlora_rlhf.sft", True, "supervised fine-tuning on chosen dialogues (QLoRA)"),
+    "rm": Verb("qlora_rlhf.reward", True, "reward model on preference pairs, warm-started from SFT"),
+    "ppo": Verb("qlora_rlhf.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
+    "evaluate": Verb("qlora_rlhf.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
+    "figures": Verb("qlora_rlhf.figures", False, "seaborn figures from metrics and tables"),
+    "paper": Verb("qlora_rlhf.paper", False, "LaTeX macros and tables from the results; the PDF where latexmk exists"),
+    "plan-memory": Verb("qlora_rlhf.memory", False, "expected peak memory per stage for a params file"),
 }
-# The verbs that load a model check that the installed packages can run the params; the others skip
-# importing bitsandbytes (and torch with it), 4 s of each data, figures and paper run.
-NEEDS_RUNTIME = {"validate", "base", "sft", "rm", "ppo", "evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-rlhf", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("validate", help="validate a params file and exit").add_argument("--params", default="params.yaml")
-    for verb, (_, help_text) in STAGES.items():
-        sub = verbs.add_parser(verb, help=help_text)
+    for name, verb in STAGES.items():
+        sub = verbs.add_parser(name, help=verb.help)
         sub.add_argument("--params", default="params.yaml")
-        if verb == "plan-memory":
+        if name == "plan-memory":
             sub.add_argument("--budget-gib", type=float, default=24.0)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params)
-        if args.verb in NEEDS_RUNTIME:
+        if args.verb == "validate" or STAGES[args.verb].loads_model:
             check_runtime(config)
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0
-        module = importlib.import_module(STAGES[args.verb][0])
+        module = importlib.import_module(STAGES[args.verb].module)
         extra = {"budget_gib": args.budget_gib} if args.verb == "plan-memory" else {}
         module.run(config, RunPaths.of(config), **extra)
     except UserError as exc:
