@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from _common import REPO, RESULTS, run_paths, shown
+from _study import REPO, RESULTS, run_paths, shown
 from qlora_rlhf.atomic import read_json, write_json
 from qlora_rlhf.config import load_config
 from qlora_rlhf.paths import RunPaths

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, RESULTS, run_paths, shown
+from _study import REPO, RESULTS, run_paths, shown
 from qlora_rlhf import synthetic
 from qlora_rlhf.atomic import write_json
 from qlora_rlhf.config import load_config

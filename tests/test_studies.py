@@ -21,7 +21,7 @@ from qlora_rlhf.hh import ASSISTANT, HUMAN  # noqa: E402
 from qlora_rlhf.paths import RunPaths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "studies"))  # the scripts import their _common, as when run from there
+sys.path.insert(0, str(REPO / "studies"))  # the scripts import their _study, as when run from there
 
 
 def _load(name: str):
