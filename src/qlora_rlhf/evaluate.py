@@ -21,13 +21,12 @@ from .actor import ActorCritic, forward, response_mask, sample, token_logprobs
 from .atomic import atomic_dir, read_json, write_json
 from .config import Config
 from .data import read_split
-from .models import base_location, load_model, load_tokenizer
+from .models import base_location, load_model
 from .paths import RunPaths
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
 from .synthetic import gold_score, prompt_category
 from .training import completion_perplexity, require, seed_everything
-from .workers import side_by_side
 
 
 def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -82,48 +81,25 @@ def gold_by_category(generations: pd.DataFrame) -> pd.DataFrame:
     return table.join(prompts).reset_index()
 
 
-def evaluate_policies(config: Config, paths: RunPaths, names: tuple[str, ...], prompts: list[str],
-                      split: list[dict]) -> tuple[list[pd.DataFrame], float | None]:
-    """Rollouts of the policies `names` (base, sft, ppo) on `prompts`, and the PPO policy's perplexity
-    on `split` where "ppo" is among them. Each rollout re-seeds, so which process runs it, and after
-    what, does not change it."""
-    seed_everything(config)
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", policy_adapter=paths.ppo / "adapter",
-                          trainable=False)
-    frames = []
-    for name in names:
-        if name == "base":
-            base = load_model(base_location(paths), config, ac.tokenizer.pad_token_id, kind="causal", trainable=False)
-            frames.append(rollouts(name, base, nullcontext, ac, prompts, config))
-        else:
-            frames.append(rollouts(name, ac.model, ac.reference if name == "sft" else nullcontext, ac, prompts, config))
-    perplexity = None
-    if "ppo" in names:
-        perplexity = completion_perplexity(ac.model, ac.tokenizer, [r["prompt"] for r in split], [r["chosen"] for r in split])
-    return frames, perplexity
-
-
-# Two workers of about equal length on a CPU (workers.py): base + SFT rollouts; PPO rollouts + perplexity.
-POLICY_GROUPS = (("base", "sft"), ("ppo",))
-
-
 def run(config: Config, paths: RunPaths) -> dict:
     seed_everything(config)
-    for stage, needed in (("sft", paths.sft / "merged"), ("rm", paths.rm / "adapter"), ("ppo", paths.ppo / "adapter")):
-        require(needed, stage)
-    tok = load_tokenizer(paths.sft / "merged")
+    sft_model = require(paths.sft / "merged", "sft")
+    ac = ActorCritic.load(config, sft_model, require(paths.rm / "adapter", "rm"),
+                          policy_adapter=require(paths.ppo / "adapter", "ppo"), trainable=False)
+    tok = ac.tokenizer
+    base = load_model(base_location(paths), config, tok.pad_token_id, kind="causal", trainable=False)
     split = read_split(paths, "eval")
     held_out = split[: config.eval.num_prompts]
     sample_prompts = [r["prompt"] for r in held_out[: config.eval.num_sample_rows]]
     # Batches of similar prompt length: left padding then costs ~5 % of the prompt tokens, not ~30 %.
     held_out.sort(key=lambda r: len(tok(r["prompt"], add_special_tokens=False).input_ids))
     prompts = [r["prompt"] for r in held_out]
-    results = side_by_side(evaluate_policies, [(config, paths, names, prompts, split) for names in POLICY_GROUPS])
-    generations = pd.concat([frame for frames, _ in results for frame in frames])
-    ppo_perplexity = next(p for _, p in results if p is not None)
+    roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
+    generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
 
     measured_by_sft = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
-    perplexity = {"base": measured_by_sft["perplexity_base"], "sft": measured_by_sft["perplexity_sft"], "ppo": ppo_perplexity}
+    perplexity = {"base": measured_by_sft["perplexity_base"], "sft": measured_by_sft["perplexity_sft"],
+                  "ppo": completion_perplexity(ac.model, tok, [r["prompt"] for r in split], [r["chosen"] for r in split])}
     rm_pairs = pd.read_csv(require(paths.rm / HELD_OUT_MARGINS, "rm"))
 
     samples, seed = config.eval.bootstrap_samples, config.run.seed
