@@ -5,7 +5,12 @@ studies/work/seed-<n>/ (git-ignored): a killed seed resumes from its last PPO ch
 evaluated one is reused until the DAG's outputs change. The summary, with the DAG's own run as the
 first row, goes to studies/results/ppo_seeds.json.
 
-    .venv/bin/python studies/ppo_seeds.py          # seeds 1 2 3, ~10 min each on 2 CPU cores
+`--set ppo.KEY=VALUE` / `eval.KEY=VALUE` (repeatable) studies a variant of PPO or the evaluation on
+the same SFT and reward model: every seed, the DAG's own included, runs with the changed params in
+studies/work/<variant>/, and the summary goes to studies/results/ppo_seeds-<variant>.json.
+
+    .venv/bin/python studies/ppo_seeds.py                                  # seeds 1 2 3, ~9 min each on 2 CPU cores
+    .venv/bin/python studies/ppo_seeds.py --set ppo.steps=10 --seeds 1234 1 2 3   # a cheaper PPO, 4 seeds
 """
 
 from __future__ import annotations
@@ -20,16 +25,37 @@ import yaml
 
 from _study import REPO, RESULTS, run_paths, shown
 from qlora_rlhf.atomic import read_json, write_json
-from qlora_rlhf.config import load_config
+from qlora_rlhf.config import ConfigError, load_config
 from qlora_rlhf.paths import RunPaths
 
 SHARED = ("data", "base", "sft", "rm")  # the finished run's stages that every seed reuses
+VARIABLE = ("ppo", "eval")  # the params sections a variant may change: the stages that each seed re-runs
 
 
-def seed_params(params: Path, seed: int, work: Path) -> Path:
-    """A copy of `params` with another seed, writing under `work`, reading the shared stages there."""
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """["ppo.steps=10", ...] -> {"ppo.steps": 10, ...}; values are read as YAML."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1 or key.split(".")[0] not in VARIABLE:
+            raise ValueError(f"--set {item}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(VARIABLE)} "
+                             "(the other stages are the finished run's and are reused)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def variant_name(overrides: dict[str, object]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "default"
+
+
+def seed_params(params: Path, seed: int, work: Path, overrides: dict[str, object] | None = None) -> Path:
+    """A copy of `params` with another seed (and `overrides`), writing under `work`, reading the shared
+    stages there."""
     raw = yaml.safe_load(params.read_text())
     raw["run"] |= {"seed": seed, "results_dir": str(work)}
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".")
+        raw[section][name] = value
     source = run_paths(params)
     run_dir = work / raw["run"]["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,23 +94,39 @@ def summarize(seed: int, paths: RunPaths) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 1 2 3, and with --set the DAG's own seed first")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a ppo or eval param of the variant to study (repeatable)")
     parser.add_argument("--work", type=Path, default=REPO / "studies" / "work")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ppo_seeds.json")
+    parser.add_argument("--out", type=Path, help="default: studies/results/ppo_seeds[-<variant>].json")
     args = parser.parse_args(argv)
     config, paths = load_config(args.params), run_paths(args.params)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    variant = variant_name(overrides)
+    seeds = args.seeds or ([config.run.seed] if overrides else []) + [1, 2, 3]
+    out = args.out or RESULTS / ("ppo_seeds.json" if not overrides else f"ppo_seeds-{variant}.json")
+    work = args.work if not overrides else args.work / variant
     missing = [stage for stage in (*SHARED, "eval") if not (paths.root / stage).is_dir()]
     if missing:
         print(f"error: the run of {args.params} is not finished ({', '.join(missing)} missing); run `dvc repro` first",
               file=sys.stderr)
         return 1
-    if config.run.seed in args.seeds:
+    if config.run.seed in seeds and not overrides:
         print(f"error: seed {config.run.seed} is the DAG's own run; pick others", file=sys.stderr)
         return 1
-    rows = [summarize(config.run.seed, paths)]
-    for seed in args.seeds:
-        seed_dir = (args.work / f"seed-{seed}").resolve()
-        params = seed_params(args.params.resolve(), seed, seed_dir)
+    rows = [] if overrides else [summarize(config.run.seed, paths)]
+    for seed in seeds:
+        seed_dir = (work / f"seed-{seed}").resolve()
+        params = seed_params(args.params.resolve(), seed, seed_dir, overrides)
+        try:
+            load_config(params)
+        except ConfigError as exc:
+            print(f"error: --set {variant}: {exc}", file=sys.stderr)
+            return 2
         seed_paths = run_paths(params)
         if is_fresh(seed_paths):
             print(f"seed {seed}: evaluated already, reused", flush=True)
@@ -93,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "qlora_rlhf", verb, "--params", str(params)], check=True, cwd=REPO)
         rows.append(summarize(seed, seed_paths))
     frame = pd.DataFrame(rows)
-    result = {"params": shown(args.params),
+    result = {"params": shown(args.params), "overrides": overrides,
               "eval_prompts": read_json(paths.stage_metrics("eval"))["eval_prompts"], "runs": rows,
               "ppo_beats_sft_on_gold": int((frame["ppo_gold_mean"] > frame["sft_gold_mean"]).sum()),
               "ppo_beats_sft_on_reward_model": int((frame["ppo_reward_mean"] > frame["sft_reward_mean"]).sum())}
-    write_json(args.out, result)
+    write_json(out, result)
     columns = ["seed", "sft_gold_mean", "ppo_gold_mean", "winrate_gold", "sft_reward_mean", "ppo_reward_mean",
                "winrate_rm", "ppo_kl_to_sft"]
     print(frame[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -98,3 +98,26 @@ def test_an_evaluated_seed_is_reused_until_an_input_is_newer(tmp_path):
     assert ppo_seeds.is_fresh(paths)
     os.utime(paths.rm / "adapter")  # the DAG re-ran the reward model
     assert not ppo_seeds.is_fresh(paths)
+
+
+def test_a_variant_changes_only_ppo_or_eval_params_and_runs_in_its_own_folder(params, tmp_path):
+    overrides = ppo_seeds.parse_overrides(["ppo.steps=10", "eval.num_prompts=128"])
+    assert overrides == {"ppo.steps": 10, "eval.num_prompts": 128}
+    assert ppo_seeds.variant_name(overrides) == "eval.num_prompts=128,ppo.steps=10"
+    config = load_config(ppo_seeds.seed_params(params, 3, tmp_path / "work" / "seed-3", overrides))
+    assert (config.ppo.steps, config.eval.num_prompts, config.run.seed) == (10, 128, 3)
+    for wrong in ("sft.max_steps=3", "steps=3", "ppo.steps"):
+        with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+            ppo_seeds.parse_overrides([wrong])
+
+
+def test_a_variant_with_an_invalid_value_is_a_clear_error_before_any_run(params, tmp_path, capsys):
+    root = ppo_seeds.run_paths(params).root
+    for stage in (*ppo_seeds.SHARED, "eval"):
+        (root / stage).mkdir(parents=True)
+    argv = ["--params", str(params), "--work", str(tmp_path / "work"), "--seeds", "1"]
+    assert ppo_seeds.main([*argv, "--set", "ppo.steps=-1"]) == 2
+    assert "ppo.steps=-1" in capsys.readouterr().err
+    assert ppo_seeds.main([*argv, "--set", "rm.max_steps=1"]) == 2
+    assert "reused" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "ppo.steps=-1" / "seed-1" / "smollm2-synthetic" / "ppo").exists()
