@@ -152,3 +152,18 @@ def test_dropout_and_cpu_masks_add_activation_memory(paper):
     cuda = memory.activations(*args, dropout=True, lora_bytes=4, device="cuda")
     cpu = memory.activations(*args, dropout=True, lora_bytes=4, device="cpu")
     assert without < cuda < cpu
+
+
+def test_plan_memory_plans_a_gpu_run_unless_asked_for_a_cpu_one(tmp_path, capsys):
+    from qlora_rlhf.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("results_dir: results", f"results_dir: {tmp_path}"))
+    plans = {}
+    for device in ("cuda", "cpu"):
+        assert main(["plan-memory", "--params", str(params), *(["--device", device] if device == "cpu" else [])]) == 0
+        assert f"on {device}," in capsys.readouterr().out
+        plans[device] = json.loads((tmp_path / "smollm2-synthetic" / "memory_plan.json").read_text())
+        assert plans[device]["device"] == device
+    sft = {device: plan["stages"]["sft"]["components_bytes"]["activations"] for device, plan in plans.items()}
+    assert sft["cpu"] > sft["cuda"]  # LoRA dropout keeps a noise tensor on a CPU, a 1-byte mask on CUDA

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from .config import ConfigError, check_runtime, load_config
 from .errors import UserError
+from .memory import DEVICES
 from .paths import RunPaths
 
 
@@ -31,7 +32,7 @@ STAGES = {
     "ppo": Verb("qlora_rlhf.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
     "evaluate": Verb("qlora_rlhf.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
     "figures": Verb("qlora_rlhf.figures", False, "seaborn figures from metrics and tables"),
-    "paper": Verb("qlora_rlhf.paper", False, "LaTeX macros and tables from the results; the PDF where latexmk exists"),
+    "paper": Verb("qlora_rlhf.paper", False, "LaTeX macros, tables and the PDF from the results (needs latexmk)"),
     "plan-memory": Verb("qlora_rlhf.memory", False, "expected peak memory per stage for a params file"),
 }
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--params", default="params.yaml")
         if name == "plan-memory":
             sub.add_argument("--budget-gib", type=float, default=24.0)
+            sub.add_argument("--device", choices=DEVICES, default="cuda",
+                             help="plan a GPU run (default) or a CPU run such as the embedded default's")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0
         module = importlib.import_module(STAGES[args.verb].module)
-        extra = {"budget_gib": args.budget_gib} if args.verb == "plan-memory" else {}
+        extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
         module.run(config, RunPaths.of(config), **extra)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,8 +23,8 @@ each matching how this project loads and trains models (qlora_rlhf.models, sft, 
   gradient checkpointing every layer keeps its tensors (+ one layer's gradients at the peak); with
   it each layer keeps its input and one layer is recomputed (counted twice). Attention is SDPA.
 - The device matters in one place: dropout on a CPU multiplies by a noise tensor of the input's
-  dtype and keeps it for backward, on CUDA it keeps a 1-byte mask. Unless given, the device
-  follows the project's convention (params.yaml): float32 compute on a CPU, bf16/fp16 on a GPU.
+  dtype and keeps it for backward, on CUDA it keeps a 1-byte mask. The plan is a GPU's unless
+  asked for a CPU's (`plan-memory --device cpu`, as the embedded default runs).
 - Logits are fp32. SFT: TRL's SFTTrainer (loss_type "chunked_nll", its default) never builds the
   full batch x seq x vocab logits; it computes lm_head + cross-entropy 256 tokens at a time under
   checkpointing, and one chunk's backward holds 4 copies (log-probs and their exp kept for the
@@ -185,9 +185,7 @@ def _act_bytes(config: Config) -> int:
     return 4 if config.model.quantization == "nf4" else DTYPE_BYTES[config.model.compute_dtype]
 
 
-def default_device(config: Config) -> str:
-    """The project's convention (params.yaml): float32 compute on a CPU, bf16/fp16 on a GPU."""
-    return "cpu" if config.model.compute_dtype == "float32" else "cuda"
+DEVICES = ("cuda", "cpu")
 
 
 def _targets(config: Config) -> set[str]:
@@ -232,14 +230,14 @@ def layer_activation_bytes_per_token(config: Config, arch: Architecture, *, drop
 
 
 def activations(config: Config, arch: Architecture, sequences: int, tokens: int, *, dropout: bool | None = None,
-                lora_bytes: int | None = None, device: str | None = None) -> float:
+                lora_bytes: int | None = None, device: str = "cuda") -> float:
     """Saved activations of one training forward+backward over `sequences` x `tokens` (defaults:
     SFT's, i.e. LoRA dropout as configured and the adapter in the compute dtype)."""
     ab = _act_bytes(config)
     per_layer = sequences * tokens * layer_activation_bytes_per_token(
         config, arch, dropout=config.model.lora.dropout > 0 if dropout is None else dropout,
         lora_bytes=DTYPE_BYTES[config.model.compute_dtype] if lora_bytes is None else lora_bytes,
-        device=device or default_device(config))
+        device=device)
     if config.model.gradient_checkpointing:
         kept = arch.num_layers * sequences * tokens * arch.hidden_size * ab
         return kept + 2 * per_layer
@@ -273,9 +271,8 @@ def _trainable(config: Config, trainable_params: int, param_bytes: int) -> dict[
     }
 
 
-def plan(config: Config, arch: Architecture, device: str | None = None) -> dict[str, dict[str, float]]:
+def plan(config: Config, arch: Architecture, device: str = "cuda") -> dict[str, dict[str, float]]:
     """stage -> component -> bytes; a stage's expected peak is the sum of its components."""
-    device = device or default_device(config)
     n_lora, h, cbytes = lora_params(config, arch), arch.hidden_size, DTYPE_BYTES[config.model.compute_dtype]
     seq = config.data.max_length
     sft = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, cbytes) | {
@@ -319,12 +316,13 @@ def separate_models_extra_bytes(config: Config, arch: Architecture) -> float:
     return 3 * sum(frozen.values())
 
 
-def summary(config: Config, arch: Architecture, budget_gib: float = 24.0) -> dict:
-    stages = plan(config, arch)
+def summary(config: Config, arch: Architecture, budget_gib: float = 24.0, device: str = "cuda") -> dict:
+    stages = plan(config, arch, device)
     n_lora = lora_params(config, arch)
     return {
         "run": config.run.name,
         "model": config.model.name_or_path,
+        "device": device,
         "budget_gib": budget_gib,
         "architecture": asdict(arch) | {"total_params": arch.total_params},
         "lora_params": n_lora,
@@ -343,7 +341,7 @@ def summary(config: Config, arch: Architecture, budget_gib: float = 24.0) -> dic
 
 def format_table(result: dict) -> str:
     names = list(dict.fromkeys(k for s in result["stages"].values() for k in s["components_bytes"]))
-    lines = [f"memory plan for {result['run']} ({result['model']}), budget {result['budget_gib']:g} GiB",
+    lines = [f"memory plan for {result['run']} ({result['model']}) on {result['device']}, budget {result['budget_gib']:g} GiB",
              f"  {result['architecture']['total_params'] / 1e6:,.1f}M base params, "
              f"{result['lora_params'] / 1e6:,.2f}M LoRA params (r={result['lora_r']})",
              f"{'component (GiB)':<28}" + "".join(f"{s:>10}" for s in result["stages"])]
@@ -359,9 +357,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: Config, paths: RunPaths, budget_gib: float = 24.0) -> dict:
+def run(config: Config, paths: RunPaths, budget_gib: float = 24.0, device: str = "cuda") -> dict:
     arch = architecture(config, paths)
-    result = summary(config, arch, budget_gib)
+    result = summary(config, arch, budget_gib, device)
     print(format_table(result))
     target = paths.root / "memory_plan.json"
     write_json(target, result)
