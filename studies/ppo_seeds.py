@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "studies" / "work")
     parser.add_argument("--out", type=Path, help="default: studies/results/ppo_seeds[-<variant>].json")
     args = parser.parse_args(argv)
-    config, paths = load_config(args.params), run_paths(args.params)
     try:
+        config, paths = load_config(args.params), run_paths(args.params)
         overrides = parse_overrides(args.overrides)
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     variant = variant_name(overrides)
