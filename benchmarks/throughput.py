@@ -17,7 +17,7 @@ discounted); gradient checkpointing's recomputation is not counted (model FLOPs,
 A generated token costs 2N + 4·L·d·c, with c its context length (on average prompt + new/2).
 
     python benchmarks/throughput.py                     # params.yaml's model (run the base stage first)
-    python benchmarks/throughput.py --tiny --steps 1    # smoke run on a 2-layer random Llama
+    python benchmarks/throughput.py --tiny --steps 1 --out throughput-smoke   # smoke run on a 2-layer random Llama
     python benchmarks/throughput.py --llama7b --out throughput-llama2-7b   # CUDA: paper profile, random 7B
     python benchmarks/throughput.py --params configs/paper-llama2-7b.yaml --model /path/to/llama --peak-tflops 165
 """

@@ -16,6 +16,6 @@ if ! command -v latexmk >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       $(cat scripts/apt-packages.txt) >/dev/null
   else
-    echo "setup: latexmk not found and not root; the paper stage will write LaTeX sources but no PDF" >&2
+    echo "setup: latexmk not found and not root: install the packages in scripts/apt-packages.txt (the paper stage needs them)" >&2
   fi
 fi
