@@ -351,3 +351,8 @@ def test_atomic_file_body_raises_keeps_previous(tmp_path):
             raise ValueError("bad row")
     assert target.read_text() == "a,b\n1,2\n"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_missing_split_names_the_data_stage(tmp_path):
+    with pytest.raises(DataError, match="eval.jsonl is missing: run the data stage first"):
+        data.read_split(RunPaths(tmp_path / "run"), "eval")

@@ -181,5 +181,8 @@ def run(config: Config, paths: RunPaths, tokenizer=None) -> dict:
 
 
 def read_split(paths: RunPaths, name: str) -> list[dict[str, str]]:
-    with open(paths.split(name)) as handle:
-        return [json.loads(line) for line in handle]
+    try:
+        with open(paths.split(name)) as handle:
+            return [json.loads(line) for line in handle]
+    except FileNotFoundError:
+        raise DataError(f"{paths.split(name)} is missing: run the data stage first") from None
