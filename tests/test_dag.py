@@ -196,18 +196,20 @@ def _ran(root: Path) -> list[str]:
     return stages
 
 
-def _set_kl_coef(root: Path, value: float) -> None:
+def _set_param(root: Path, section: str, key: str, value: float) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["ppo"]["kl_coef"] = value
+    params[section][key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 RERUN_AFTER_KL_COEF = {"ppo", "evaluate", "figures", "paper"}
+RERUN_AFTER_KL_BAND = {"figures", "paper"}  # drawing only: PPO's fixed kl_coef does not read it
 
 
 def test_snakemake_params_trigger_reruns_same_stages_as_dvc(scratch, tmp_path):
-    """Both front doors run every stage once, nothing on a second call, and after a change of
-    ppo.kl_coef exactly ppo and what follows it (stand-in stage commands; seconds)."""
+    """Both front doors run every stage once, nothing on a second call, after a change of
+    ppo.kl_coef exactly ppo and what follows it, and after a change of the figures' KL band only
+    figures and paper (stand-in stage commands; seconds)."""
     root = tmp_path / "smk"
     env = _fake_project(root, scratch)
     snakemake = [_tool("snakemake"), "--cores", "1", "--quiet", "all"]
@@ -215,9 +217,12 @@ def test_snakemake_params_trigger_reruns_same_stages_as_dvc(scratch, tmp_path):
     assert sorted(_ran(root)) == sorted(EXPECTED)
     subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
     assert _ran(root) == []
-    _set_kl_coef(root, 0.321)
+    _set_param(root, "ppo", "kl_coef", 0.321)
     subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
     assert set(_ran(root)) == RERUN_AFTER_KL_COEF
+    _set_param(root, "figures", "kl_band_high", 0.5)
+    subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
+    assert set(_ran(root)) == RERUN_AFTER_KL_BAND
 
     root = tmp_path / "dvc"
     env = _fake_project(root, scratch)
@@ -227,6 +232,9 @@ def test_snakemake_params_trigger_reruns_same_stages_as_dvc(scratch, tmp_path):
     assert sorted(_ran(root)) == sorted(EXPECTED)
     subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
     assert _ran(root) == []
-    _set_kl_coef(root, 0.321)
+    _set_param(root, "ppo", "kl_coef", 0.321)
     subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
     assert set(_ran(root)) == RERUN_AFTER_KL_COEF
+    _set_param(root, "figures", "kl_band_high", 0.5)
+    subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
+    assert set(_ran(root)) == RERUN_AFTER_KL_BAND

@@ -4,8 +4,9 @@
 - reference: the same weights with adapters disabled, i.e. the SFT policy (the KL anchor);
 - reward:    the same weights + the "reward" LoRA adapter from the rm stage + its score head.
 
-A 7B model then costs one ~3.9 GB NF4 copy instead of three (about 12 GB). The evaluation stage
-uses the same object to generate with SFT and PPO and to score with the reward model.
+A 7B model then costs one ~4.1 GiB NF4 copy instead of four (TRL's policy, reference, reward and
+value models: ~12.3 GiB more, docs/memory.md). The evaluation stage uses the same object to
+generate with SFT and PPO and to score with the reward model.
 """
 
 from __future__ import annotations

@@ -104,8 +104,6 @@ class PPOConfig(_Section):
     ppo_epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
     kl_coef: float = Field(ge=0.0)
-    kl_target_low: float = Field(ge=0.0)
-    kl_target_high: float = Field(gt=0.0)
     cliprange: float = Field(gt=0.0, lt=1.0)
     cliprange_value: float = Field(gt=0.0)
     vf_coef: float = Field(ge=0.0)
@@ -125,9 +123,20 @@ class PPOConfig(_Section):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
                              f"ppo.samples_per_prompt={self.samples_per_prompt}")
-        if self.kl_target_low >= self.kl_target_high:
-            raise ValueError(f"ppo.kl_target_low={self.kl_target_low} must be smaller than "
-                             f"ppo.kl_target_high={self.kl_target_high}")
+        return self
+
+
+class FiguresConfig(_Section):
+    """Drawing only: changing it re-runs the figures and the paper, not PPO."""
+
+    kl_band_low: float = Field(ge=0.0, description="shaded KL range in the reward-vs-KL figure (nats)")
+    kl_band_high: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _band(self) -> FiguresConfig:
+        if self.kl_band_low >= self.kl_band_high:
+            raise ValueError(f"figures.kl_band_low={self.kl_band_low} must be smaller than "
+                             f"figures.kl_band_high={self.kl_band_high}")
         return self
 
 
@@ -148,6 +157,7 @@ class Config(_Section):
     rm: TrainConfig
     ppo: PPOConfig
     eval: EvalConfig
+    figures: FiguresConfig
 
     @model_validator(mode="after")
     def _fits_data(self) -> Config:

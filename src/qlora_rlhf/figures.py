@@ -104,8 +104,8 @@ def _reward_vs_kl(plt, ppo: pd.DataFrame, config: Config | None):
     data = ppo[["step", "kl", "reward_mean"]].dropna()
     fig, ax = plt.subplots(figsize=(HALF_WIDTH + 0.6, 2.8), constrained_layout=True)
     if config is not None:
-        ax.axvspan(config.ppo.kl_target_low, config.ppo.kl_target_high, color=COLORS["kl"], alpha=0.12,
-                   label="KL target band")
+        ax.axvspan(config.figures.kl_band_low, config.figures.kl_band_high, color=COLORS["kl"], alpha=0.12,
+                   label="healthy KL range")
     ax.plot(data["kl"], data["reward_mean"], color="lightgrey", linewidth=0.8, zorder=1)
     points = ax.scatter(data["kl"], data["reward_mean"], c=data["step"], cmap="viridis", s=14, zorder=2)
     fig.colorbar(points, ax=ax, label="PPO step")

@@ -1,7 +1,8 @@
 """Stage 1, SFT: TRL SFTTrainer on the chosen dialogues, loss on the assistant completion only,
-NF4 base + LoRA, paged AdamW 8-bit, gradient checkpointing. Writes the LoRA adapter, the merged
-SFT model the later stages start from, the held-out perplexity of the base and of the merged SFT
-model (in sft/, for the evaluation, and in the metrics with the stage's time) and the loss curve."""
+NF4 base + LoRA, the configured optimizer (paged AdamW 8-bit by default), gradient checkpointing
+when model.gradient_checkpointing is on. Writes the LoRA adapter, the merged SFT model the later
+stages start from, the held-out perplexity of the base and of the merged SFT model (in sft/, for
+the evaluation, and in the metrics with the stage's time) and the loss curve."""
 
 from __future__ import annotations
 
