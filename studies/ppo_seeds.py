@@ -9,7 +9,7 @@ first row, goes to studies/results/ppo_seeds.json.
 the same SFT and reward model: every seed, the DAG's own included, runs with the changed params in
 studies/work/<variant>/, and the summary goes to studies/results/ppo_seeds-<variant>.json.
 
-    .venv/bin/python studies/ppo_seeds.py                                  # seeds 1 2 3, ~9 min each on 2 CPU cores
+    .venv/bin/python studies/ppo_seeds.py                                  # seeds 1 2 3, ~7 min each on 2 CPU cores
     .venv/bin/python studies/ppo_seeds.py --set ppo.steps=10 --seeds 1234 1 2 3   # a cheaper PPO, 4 seeds
 """
 
