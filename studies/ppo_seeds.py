@@ -123,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         seed_dir = (work / f"seed-{seed}").resolve()
         params = seed_params(args.params.resolve(), seed, seed_dir, overrides)
         try:
-            load_config(params)
+            seed_paths = run_paths(params)  # validates the params with the variant's values
         except ConfigError as exc:
             print(f"error: --set {variant}: {exc}", file=sys.stderr)
             return 2
-        seed_paths = run_paths(params)
         if is_fresh(seed_paths):
             print(f"seed {seed}: evaluated already, reused", flush=True)
         for verb in () if is_fresh(seed_paths) else ("ppo", "evaluate"):
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarize(seed, seed_paths))
     frame = pd.DataFrame(rows)
     result = {"params": shown(args.params), "overrides": overrides,
-              "eval_prompts": read_json(paths.stage_metrics("eval"))["eval_prompts"], "runs": rows,
+              "eval_prompts": read_json(seed_paths.stage_metrics("eval"))["eval_prompts"], "runs": rows,  # a variant may change it
               "ppo_beats_sft_on_gold": int((frame["ppo_gold_mean"] > frame["sft_gold_mean"]).sum()),
               "ppo_beats_sft_on_reward_model": int((frame["ppo_reward_mean"] > frame["sft_reward_mean"]).sum())}
     write_json(out, result)
