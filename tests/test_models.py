@@ -231,3 +231,14 @@ def test_load_model_corrupt_safetensors(write_params, tiny_model_dir, tmp_path):
 def test_load_tokenizer_from_a_folder_without_one(tmp_path):
     with pytest.raises(ModelError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_importing_bitsandbytes_after_the_package_logs_no_hub_kernel_warning():
+    """On an AVX512-BF16 CPU bitsandbytes warns at import that it could not fetch a hub kernel
+    (package `kernels`) for the packed inference path that one_cpu_4bit_path turns off."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import qlora_rlhf, bitsandbytes"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "kernels-community" not in run.stderr + run.stdout
