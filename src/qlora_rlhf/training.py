@@ -156,7 +156,7 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
         per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps), lr_scheduler_type="cosine",
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=2, save_strategy="steps",
-        optim=config.model.optimizer, gradient_checkpointing=config.model.gradient_checkpointing,
+        optim=config.model.optimizer, activation_checkpointing=config.model.gradient_checkpointing,
         bf16=config.model.compute_dtype == "bfloat16", fp16=config.model.compute_dtype == "float16",
         seed=config.run.seed, data_seed=config.run.seed, report_to="none", max_length=config.data.max_length,
         dataloader_num_workers=0, remove_unused_columns=True, use_cpu=not torch.cuda.is_available(),
