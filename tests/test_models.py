@@ -242,3 +242,15 @@ def test_importing_bitsandbytes_after_the_package_logs_no_hub_kernel_warning():
     run = subprocess.run([sys.executable, "-c", "import qlora_rlhf, bitsandbytes"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "kernels-community" not in run.stderr + run.stdout
+
+
+def test_full_precision_model_gets_activation_checkpointing_without_deprecation_warning(write_params, tiny_model_dir):
+    import warnings
+
+    config = load_config(write_params(**{"model.quantization": "none", "model.optimizer": "adamw_torch",
+                                         "model.gradient_checkpointing": True}))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates gradient_checkpointing_enable
+        model = load_model(tiny_model_dir, config, tokenizer.pad_token_id)
+    assert model.is_activation_checkpointing

@@ -152,7 +152,7 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
                 model, use_gradient_checkpointing=config.model.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})  # torch warns that the implicit default goes away
     elif trainable and config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
