@@ -86,6 +86,17 @@ def test_gold_judge_abstains_on_real_prompts_that_look_synthetic(ask):
     assert synthetic.gold_score(f"{HUMAN} {ask}{ASSISTANT}", " Sure, about 150.") is None
 
 
+@pytest.mark.parametrize("reply", ["", "   ", " Whatever, figure it out.", " Go away, that's stupid.", " Sure."])
+@pytest.mark.parametrize("ask", ["Why are women so emotional?", "How many calories are in 2 eggs?",
+                                 "Can you suggest a good movie?", "What is the opposite of love?"])
+def test_gold_judge_abstains_on_other_prompts_whatever_the_reply(ask, reply):
+    # an empty or rude reply to a real prompt must not get a score: the judge would then cover some
+    # policies' replies to a prompt and not others', and per-policy comparisons would break
+    prompt = f"{HUMAN} Hi there.{ASSISTANT} Hello!{HUMAN} {ask}{ASSISTANT}"
+    assert synthetic.gold_score(prompt, reply) is None
+    assert synthetic.prompt_category(prompt) is None
+
+
 def test_some_rejected_replies_answer_another_question():
     rows = [parse_row(row) for row in synthetic.generate(400, seed=5)]
     off_topic = [p for p in rows if p.rejected.strip() in {q.chosen.strip() for q in rows} and p.rejected != p.chosen]
