@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import Config
-from .models import load_model, lora_config
+from .models import compute_dtype, load_model, lora_config
 
 POLICY, REWARD = "policy", "reward"
 
@@ -61,7 +61,7 @@ class ActorCritic:
         # its score head is not part of a causal LM, so it is loaded by hand.
         model.load_adapter(str(rm_adapter), adapter_name=REWARD, is_trainable=False)
         model.set_adapter(POLICY)
-        hidden, dtype = base.config.hidden_size, getattr(torch, config.model.compute_dtype)
+        hidden, dtype = base.config.hidden_size, compute_dtype(config)
         device = next(model.parameters()).device
         reward_head = _score_head(rm_adapter, hidden, dtype, device)
         # The value head starts at zero: the reward head reads the reward adapter's hidden states, not the

@@ -10,6 +10,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
+from . import precision
 from .config import ConfigError, check_runtime, load_config
 from .errors import UserError
 from .memory import DEVICES
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.params)
         if args.verb == "validate" or STAGES[args.verb].loads_model:
             check_runtime(config)
+            print(f"{args.verb}: {precision.describe(precision.of(config))}")
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0

@@ -47,7 +47,8 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     name_or_path: str = Field(min_length=1, description=f"hub id, local directory, or {EMBEDDED_MODEL}")
     quantization: Literal["nf4", "none"]
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        description="auto: bfloat16 where the hardware runs it natively, else float32 (precision.py)")
     lora: LoraConfig
     gradient_checkpointing: bool
     optimizer: Literal["paged_adamw_8bit", "adamw_torch"]

@@ -50,6 +50,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import precision
 from .atomic import write_json
 from .config import EMBEDDED_MODEL, Config, ConfigError
 from .paths import RunPaths
@@ -271,8 +272,15 @@ def _trainable(config: Config, trainable_params: int, param_bytes: int) -> dict[
     }
 
 
+def resolved_for(config: Config, device: str) -> Config:
+    """The config with `model.compute_dtype: auto` replaced by what it means on `device` (precision.py)."""
+    dtype = precision.resolve(config.model.compute_dtype, device).dtype
+    return config.model_copy(update={"model": config.model.model_copy(update={"compute_dtype": dtype})})
+
+
 def plan(config: Config, arch: Architecture, device: str = "cuda") -> dict[str, dict[str, float]]:
     """stage -> component -> bytes; a stage's expected peak is the sum of its components."""
+    config = resolved_for(config, device)
     n_lora, h, cbytes = lora_params(config, arch), arch.hidden_size, DTYPE_BYTES[config.model.compute_dtype]
     seq = config.data.max_length
     sft = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, cbytes) | {
@@ -317,6 +325,7 @@ def separate_models_extra_bytes(config: Config, arch: Architecture) -> float:
 
 
 def summary(config: Config, arch: Architecture, budget_gib: float = 24.0, device: str = "cuda") -> dict:
+    config = resolved_for(config, device)
     stages = plan(config, arch, device)
     n_lora = lora_params(config, arch)
     return {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import precision
 from .atomic import atomic_dir
 from .config import EMBEDDED_MODEL, Config
 from .paths import RunPaths
@@ -23,7 +24,8 @@ def device() -> torch.device:
 
 
 def compute_dtype(config: Config) -> torch.dtype:
-    return getattr(torch, config.model.compute_dtype)
+    """The dtype models compute in: model.compute_dtype, with `auto` resolved for this hardware (precision.py)."""
+    return precision.of(config).torch_dtype
 
 
 def embedded_gguf() -> Path:

@@ -207,6 +207,6 @@ def run(config: Config, paths: RunPaths) -> dict:
         "reward_mean_first": float(curve["reward_mean"].iloc[0]), "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
         "kl_last": float(curve["kl"].iloc[-1]), "steps": cfg.steps, "seconds": round(timer.seconds, 1),
     }
-    write_metrics(paths, "ppo", summary)
+    write_metrics(paths, "ppo", summary, config)
     print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, KL {summary['kl_last']:.3f}")
     return summary

@@ -79,6 +79,6 @@ def run(config: Config, paths: RunPaths) -> dict:
         **train_loss_ends(curve),
         "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), "eval_pairs": len(margins),
     }
-    write_metrics(paths, "rm", metrics)
+    write_metrics(paths, "rm", metrics, config)
     print(f"rm: held-out accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:.3f}")
     return metrics

@@ -57,6 +57,6 @@ def run(config: Config, paths: RunPaths) -> dict:
         **perplexity, **train_loss_ends(curve),
         "steps": int(trainer.state.global_step), "seconds": round(seconds, 1),
     }
-    write_metrics(paths, "sft", metrics)
+    write_metrics(paths, "sft", metrics, config)
     print(f"sft: held-out perplexity {perplexity_base:.2f} -> {perplexity_sft:.2f}; adapter in {paths.sft}")
     return metrics

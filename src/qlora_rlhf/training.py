@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
+from . import precision
 from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_json
 from .config import Config
 from .errors import TrainingError  # noqa: F401  (re-exported)
@@ -157,7 +158,7 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
         learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps), lr_scheduler_type="cosine",
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=2, save_strategy="steps",
         optim=config.model.optimizer, activation_checkpointing=config.model.gradient_checkpointing,
-        bf16=config.model.compute_dtype == "bfloat16", fp16=config.model.compute_dtype == "float16",
+        bf16=precision.of(config).dtype == "bfloat16", fp16=precision.of(config).dtype == "float16",
         seed=config.run.seed, data_seed=config.run.seed, report_to="none", max_length=config.data.max_length,
         dataloader_num_workers=0, remove_unused_columns=True, use_cpu=not torch.cuda.is_available(),
     )
@@ -200,7 +201,7 @@ def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    dtype = torch.bfloat16 if config.model.compute_dtype != "float32" else torch.float32
+    dtype = torch.bfloat16 if precision.of(config).dtype != "float32" else torch.float32
     model = cls.from_pretrained(base_path, dtype=dtype, pad_token_id=tokenizer.pad_token_id, device_map={"": "cpu"})
     merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
     merged.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
@@ -234,6 +235,7 @@ def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Pa
     for section in params.values():  # lengthening a run or changing its guard or logging does not alter the earlier steps
         for key in UNFINGERPRINTED:
             section.pop(key, None)
+    params["model"]["compute_dtype"] = precision.of(config).dtype  # `auto` resumed on another kind of machine starts over
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for path in inputs:
         digest.update(path.read_bytes())
@@ -286,14 +288,15 @@ class TimerCallback(TrainerCallback):
         self.timer.step_done(state.global_step)
 
 
-def write_metrics(paths: RunPaths, stage: str, metrics: dict) -> None:
-    write_json(paths.stage_metrics(stage), metrics)
+def write_metrics(paths: RunPaths, stage: str, metrics: dict, config: Config) -> None:
+    """The stage's metrics file, with the compute dtype the stage ran in (`auto` differs across machines)."""
+    write_json(paths.stage_metrics(stage), metrics | {"compute_dtype": precision.of(config).dtype})
 
 
 def match_trainable_dtype(model, config: Config) -> None:
     """TRL casts a quantized model's trainable params (LoRA, score head) to bf16 (the QLoRA paper's
     choice); keep them in the configured compute dtype so fp32 CPU runs don't mix dtypes."""
-    dtype = getattr(torch, config.model.compute_dtype)
+    dtype = precision.of(config).torch_dtype
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
