@@ -4,9 +4,10 @@
 - reference: the same weights with adapters disabled, i.e. the SFT policy (the KL anchor);
 - reward:    the same weights + the "reward" LoRA adapter from the rm stage + its score head.
 
-A 7B model then costs one ~4.1 GiB NF4 copy instead of four (TRL's policy, reference, reward and
-value models: ~12.3 GiB more, docs/memory.md). The evaluation stage uses the same object to
-generate with SFT and PPO and to score with the reward model.
+A 7B model then costs one NF4 copy instead of three: TRL's PPOTrainer with peft takes the reference
+from the policy with its adapter disabled too, but loads the value and reward models as their own
+4-bit copies (docs/memory.md). The evaluation stage uses the same object to generate with SFT and
+PPO and to score with the reward model. Token ids are laid out as in training (tokens.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from .config import Config
 from .models import compute_dtype, load_model, lora_config
+from .tokens import left_pad, positions, prompt_ids
 
 POLICY, REWARD = "policy", "reward"
 
@@ -124,8 +126,7 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits_from: int | Non
     model's forward. No KV cache: a scoring forward would otherwise build one as large as generation's
     (6 GiB at Llama-2-7B's PPO shape)."""
     keep = 0 if logits_from == 0 else 1 if logits_from is None else ids.shape[1] - logits_from
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True,
                 use_cache=False, logits_to_keep=keep)
     return out.logits, out.hidden_states[-1]
 
@@ -134,15 +135,16 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits_from: int | Non
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, logprobs: bool = False):
     """Sample responses; returns (query ids, query mask, response ids truncated after EOS and padded),
     plus, with `logprobs`, each response token's log-prob under the sampling distribution, taken from
-    generate's own logits (no second forward pass)."""
+    generate's own logits (no second forward pass). Queries are the prompts' ids as SFT trained on them
+    (tokens.prompt_ids: BOS first where the tokenizer adds one), padded on the left."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    query, query_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
     model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                         top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         return_dict_in_generate=True, output_logits=logprobs)
-    response = out.sequences[:, enc.input_ids.shape[1] :]
-    result = (enc.input_ids, enc.attention_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    out = model.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                         temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=logprobs)
+    response = out.sequences[:, query.shape[1] :]
+    result = (query, query_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id))
     if logprobs:
         # one step at a time: a stacked copy of the logits would be batch x new tokens x vocabulary floats
         result += (torch.stack([token_logprobs(step, response[:, i], temperature) for i, step in enumerate(out.logits)], 1),)

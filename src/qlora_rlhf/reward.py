@@ -16,6 +16,7 @@ from .config import Config
 from .data import read_split
 from .models import load_model, load_tokenizer, lora_config
 from .paths import RunPaths
+from .tokens import left_pad, positions, sequence_ids
 from .training import (History, HistoryCallback, checkpoints_for, require, save_adapter, seed_everything,
                        train_loss_ends, train_resumably, trainer_args, write_metrics)
 
@@ -24,15 +25,16 @@ HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row p
 
 @torch.no_grad()
 def score_texts(score_batch, tokenizer, texts: list[str], batch_size: int, device) -> np.ndarray:
-    """Reward-model scores of whole dialogues (EOS appended, as in training), in batches of similar
-    length (less padding), returned in the given order. `score_batch(input_ids, attention_mask)`
-    scores one padded batch: the RM stage's classifier here, PPO's shared-base reward in evaluation."""
-    order, scores = np.argsort([len(t) for t in texts], kind="stable"), np.empty(len(texts))
+    """Reward-model scores of whole dialogues, laid out as RewardTrainer trained on them (tokens.sequence_ids:
+    special tokens as the tokenizer adds them, EOS appended), in batches of similar length (less
+    padding), returned in the given order. `score_batch(input_ids, attention_mask)` scores one
+    left-padded batch: the RM stage's classifier here, PPO's shared-base reward in evaluation."""
+    ids = [sequence_ids(tokenizer, t) for t in texts]
+    order, scores = np.argsort([len(i) for i in ids], kind="stable"), np.empty(len(texts))
     for start in tqdm(range(0, len(order), batch_size), desc="reward-model scores", unit="batch"):
         picked = order[start : start + batch_size]
-        enc = tokenizer([texts[i] + tokenizer.eos_token for i in picked], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        scores[picked] = score_batch(enc.input_ids, enc.attention_mask).float().cpu().numpy()
+        batch, mask = left_pad([ids[i] for i in picked], tokenizer.pad_token_id, device)
+        scores[picked] = score_batch(batch, mask).float().cpu().numpy()
     return scores
 
 
@@ -40,8 +42,8 @@ def pairwise(model, tokenizer, pairs: list[dict[str, str]], batch_size: int = 8)
     """Margins r(chosen) - r(rejected) of the sequence-classification reward model."""
     model.eval()
 
-    def score_batch(ids, mask):
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
+    def score_batch(ids, mask):  # position ids as in training, where RewardTrainer padded on the right
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits[:, 0]
 
     device = next(model.parameters()).device
     chosen = score_texts(score_batch, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size, device)

@@ -20,6 +20,7 @@ from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_json
 from .config import Config
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
+from .tokens import dialogue_ids
 
 
 def check_finite(step: int, **values: float) -> None:
@@ -166,15 +167,16 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
 
 @torch.no_grad()
 def completion_perplexity(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 8) -> float:
-    """exp(mean NLL) over completion tokens (EOS included), prompts masked out, as SFT's loss counts it.
+    """exp(mean NLL) over completion tokens (EOS included), prompts masked out, as SFT's loss counts it,
+    on ids laid out as SFTTrainer laid them out (tokens.dialogue_ids), padded on the right as it did.
     Batches hold pairs of similar length, and logits are computed only from the first completion token
     of the batch on: the vocabulary projection and its float32 softmax would otherwise cover prompts too."""
     model.eval()
     device = next(model.parameters()).device
     pairs = []
     for prompt, completion in zip(prompts, completions):
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        pairs.append((p, tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]))
+        ids, n_prompt = dialogue_ids(tokenizer, prompt, completion)
+        pairs.append((ids[:n_prompt], ids[n_prompt:]))
     pairs.sort(key=lambda pc: len(pc[0]) + len(pc[1]))
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(pairs), batch_size), desc="held-out perplexity", unit="batch"):
