@@ -10,7 +10,9 @@ stage's time), and the PPO policy's perplexity is measured here on the same rows
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .actor import ActorCritic, forward, response_mask, sample, token_logprobs
-from .atomic import atomic_dir, read_json, write_json
+from .atomic import atomic_dir, atomic_file, read_json, read_jsonl
 from .config import Config
 from .data import read_split
 from .models import base_location, load_model
@@ -26,7 +28,7 @@ from .paths import RunPaths
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
 from .synthetic import gold_score, prompt_category
-from .training import completion_perplexity, require, seed_everything
+from .training import checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
 
 
 def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -73,12 +75,40 @@ def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config
 def gold_by_category(generations: pd.DataFrame) -> pd.DataFrame:
     """Mean gold score per kind of question (rows) and policy (columns): where a gain comes from."""
     judged = generations.dropna(subset=["gold"]).assign(category=lambda f: f["prompt"].map(prompt_category))
-    if judged.empty:  # real prompts: no gold judge
+    if judged.empty:  # real prompts: no gold judge, and no table (the stage writes none)
         return pd.DataFrame(columns=["category", *dict.fromkeys(generations["policy"]), "prompts"])
     table = judged.pivot_table(index="category", columns="policy", values="gold", aggfunc="mean")
     table = table[list(dict.fromkeys(judged["policy"]))]  # the policies in evaluation order
     prompts = judged[judged["policy"] == judged["policy"].iloc[0]].groupby("category").size().rename("prompts")
     return table.join(prompts).reset_index()
+
+
+def _rollout_inputs(paths: RunPaths) -> list[Path]:
+    """What the generations depend on besides the params: the eval split and the trained adapters
+    (the merged SFT model and the base are fixed by these and by model.name_or_path)."""
+    adapters = sorted(f for stage in (paths.sft, paths.rm, paths.ppo)
+                      for f in (stage / "adapter").rglob("*") if f.is_file())
+    return [paths.split("eval"), *adapters]
+
+
+def _rollout_config(config: Config) -> Config:
+    """The params the rollouts depend on: the bootstrap and the number of sample rows shown only
+    change the tables, so changing them keeps the saved generations."""
+    return config.model_copy(update={"eval": config.eval.model_copy(update={"bootstrap_samples": 0, "num_sample_rows": 0})})
+
+
+def cached(folder: Path, name: str, make) -> list[dict]:
+    """The records saved as folder/<name>.jsonl by an earlier run with the same params and inputs
+    (checkpoints_for empties the folder otherwise); else make() them and save them atomically, so that
+    a crash or kill later in the evaluation keeps every policy already generated."""
+    path = folder / f"{name}.jsonl"
+    if path.is_file():
+        print(f"evaluate: reusing {path}")
+        return read_jsonl(path)
+    rows = make()
+    with atomic_file(path) as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -95,24 +125,31 @@ def run(config: Config, paths: RunPaths) -> dict:
     held_out.sort(key=lambda r: len(tok(r["prompt"], add_special_tokens=False).input_ids))
     prompts = [r["prompt"] for r in held_out]
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
-    generations = pd.concat([rollouts(name, model, role, ac, prompts, config) for name, (model, role) in roles.items()])
+    saved = checkpoints_for(paths, "evaluate", _rollout_config(config), _rollout_inputs(paths))
+    generations = pd.DataFrame([row for name, (model, role) in roles.items() for row in cached(
+        saved, name, lambda: rollouts(name, model, role, ac, prompts, config).to_dict("records"))])
 
     measured_by_sft = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
     perplexity = {"base": measured_by_sft["perplexity_base"], "sft": measured_by_sft["perplexity_sft"],
-                  "ppo": completion_perplexity(ac.model, tok, [r["prompt"] for r in split], [r["chosen"] for r in split])}
+                  "ppo": cached(saved, "ppo_perplexity", lambda: [{"perplexity": completion_perplexity(
+                      ac.model, tok, [r["prompt"] for r in split], [r["chosen"] for r in split])}])[0]["perplexity"]}
     rm_pairs = pd.read_csv(require(paths.rm / HELD_OUT_MARGINS, "rm"))
 
     samples, seed = config.eval.bootstrap_samples, config.run.seed
+    # The gold judge answers for its own (synthetic) prompts only, for every policy alike; on real
+    # prompts there is none, and the tables and metrics leave its columns out instead of filling NaN.
+    has_gold = bool(generations["gold"].notna().any())
     summary = []
     for name, frame in generations.groupby("policy", sort=False):
-        reward_ci = bootstrap_ci(frame["reward"].to_numpy(), samples, seed)
-        gold = frame["gold"].dropna().to_numpy(dtype=float)
-        gold_ci = bootstrap_ci(gold, samples, seed) if len(gold) else (np.nan, np.nan)
-        summary.append({"policy": name, "perplexity": perplexity[name], "reward_mean": frame["reward"].mean(),
-                        "reward_ci_low": reward_ci[0], "reward_ci_high": reward_ci[1],
-                        "gold_mean": gold.mean() if len(gold) else np.nan, "gold_ci_low": gold_ci[0],
-                        "gold_ci_high": gold_ci[1], "kl_to_sft": frame["kl_to_sft"].mean(),
-                        "response_length": frame["response_length"].mean(), "eos_fraction": frame["ends_with_eos"].mean()})
+        reward_ci = bootstrap_ci(frame["reward"].to_numpy(dtype=float), samples, seed)
+        row = {"policy": name, "perplexity": perplexity[name], "reward_mean": frame["reward"].mean(),
+               "reward_ci_low": reward_ci[0], "reward_ci_high": reward_ci[1]}
+        if has_gold:
+            gold = frame["gold"].dropna().to_numpy(dtype=float)
+            gold_ci = bootstrap_ci(gold, samples, seed)
+            row |= {"gold_mean": gold.mean(), "gold_ci_low": gold_ci[0], "gold_ci_high": gold_ci[1]}
+        summary.append(row | {"kl_to_sft": frame["kl_to_sft"].mean(), "response_length": frame["response_length"].mean(),
+                              "eos_fraction": frame["ends_with_eos"].astype(float).mean()})
     summary = pd.DataFrame(summary)
 
     by_policy = {name: frame.reset_index(drop=True) for name, frame in generations.groupby("policy")}
@@ -130,7 +167,9 @@ def run(config: Config, paths: RunPaths) -> dict:
     samples_table = shown.pivot_table(index="prompt", columns="policy", values="response", aggfunc="first").reset_index()
 
     with atomic_dir(paths.eval) as out:
-        tables = {"summary": summary, "winrate": winrate, "gold_by_category": by_category, "samples": samples_table}
+        tables = {"summary": summary, "winrate": winrate, "samples": samples_table}
+        if has_gold:
+            tables["gold_by_category"] = by_category
         for name, frame in tables.items():
             frame.to_csv(out / f"{name}.csv", index=False)
             frame.to_latex(out / f"{name}.tex", index=False, float_format="%.3f", escape=True)
@@ -139,10 +178,10 @@ def run(config: Config, paths: RunPaths) -> dict:
     row = summary.set_index("policy")
     metrics = {f"{p}_{k}": float(row.loc[p, c]) for p in row.index
                for k, c in (("perplexity", "perplexity"), ("reward_mean", "reward_mean"), ("gold_mean", "gold_mean"),
-                            ("kl_to_sft", "kl_to_sft"), ("response_length", "response_length"))}
+                            ("kl_to_sft", "kl_to_sft"), ("response_length", "response_length")) if c in row.columns}
     metrics |= {"rm_accuracy": float(rm_pairs["correct"].mean()), "rm_margin_mean": float(rm_pairs["margin"].mean()),
                 "eval_prompts": len(prompts)}
     metrics |= {f"winrate_{'rm' if r.judge == 'reward_model' else r.judge}": float(r.win_rate) for r in winrate.itertuples()}
-    write_json(paths.stage_metrics("eval"), {k: (None if v != v else v) for k, v in metrics.items()})
+    write_metrics(paths, "eval", {k: (None if v != v else v) for k, v in metrics.items()}, config)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return metrics
