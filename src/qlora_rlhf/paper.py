@@ -30,13 +30,19 @@ from pathlib import Path
 
 PAPER_SOURCES = Path(__file__).resolve().parents[2] / "paper"
 MACRO_USE = re.compile(r"\\((?:Res|Cfg)[A-Za-z]+)")
+GENERATED_MACRO_USE = re.compile(r"\\((?:Res|Cfg|Ref)[A-Za-z]+)")
 METRIC_FILES = ("sft", "rm", "ppo", "eval")
 POLICIES = ("base", "sft", "ppo")
 SUMMARY_COLUMNS = ("reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low", "gold_ci_high",
                    "kl_to_sft", "response_length", "eos_fraction")
+GOLD_COLUMNS = ("gold_mean", "gold_ci_low", "gold_ci_high")  # only where the data has a gold judge
 WINRATE_COLUMNS = ("win_rate", "ci_low", "ci_high")
 CATEGORY_COLUMNS = (*POLICIES, "prompts")
 INSTALL_HINT = "install it with: sudo apt-get install $(cat scripts/apt-packages.txt)"
+# Pairwise accuracy of small (up to a few hundred million parameters) reward models on the harmless
+# subset of RewardBench (Lambert et al., 2024, arXiv:2403.13787): the band a real-data run's reward
+# model is put next to. A literature figure, not a result of this project.
+REWARDBENCH_SMALL_HARMLESS = (0.56, 0.65)
 
 
 
@@ -153,19 +159,42 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
         for key, value in _read_json(metrics / f"{stem}.json").items():
             if isinstance(value, (int, float)) or value is None:
                 add(f"Res{camel(stem)}{camel(key)}", fmt(value), f"metrics/{stem}.json:{key}")
-    for policy, row in _read_rows(eval_dir / "summary.csv", "policy", SUMMARY_COLUMNS).items():
+    required = tuple(c for c in SUMMARY_COLUMNS if c not in GOLD_COLUMNS)
+    for policy, row in _read_rows(eval_dir / "summary.csv", "policy", required).items():
         for column in SUMMARY_COLUMNS:
-            add(f"ResSummary{camel(policy)}{camel(column)}", fmt(row.get(column)), f"eval/summary.csv:{policy}.{column}")
+            if column in row:
+                add(f"ResSummary{camel(policy)}{camel(column)}", fmt(row[column]), f"eval/summary.csv:{policy}.{column}")
     for judge, row in _read_rows(eval_dir / "winrate.csv", "judge", WINRATE_COLUMNS).items():
         for column in WINRATE_COLUMNS:
             add(f"ResWinrate{camel(judge)}{camel(column)}", fmt(row.get(column)), f"eval/winrate.csv:{judge}.{column}")
-    for category, row in _read_rows(eval_dir / "gold_by_category.csv", "category", CATEGORY_COLUMNS).items():
+    gold_table = eval_dir / "gold_by_category.csv"  # written only where the data has a gold judge
+    for category, row in (_read_rows(gold_table, "category", CATEGORY_COLUMNS) if gold_table.is_file() else {}).items():
         for column in CATEGORY_COLUMNS:
             add(f"ResGold{camel(category)}{camel(column)}", fmt(row.get(column)),
                 f"eval/gold_by_category.csv:{category}.{column}")
+    # The dtype the model stages ran in (`auto` resolves per machine), else the configured one.
+    sft = _read_json(metrics / "sft.json")
+    if "compute_dtype" in sft:
+        add("ResSftComputeDtype", escape(sft["compute_dtype"]), "metrics/sft.json:compute_dtype")
+    else:
+        add("ResSftComputeDtype", escape(params.get("model", {}).get("compute_dtype", "--")), "params:model.compute_dtype")
+    rm = _read_json(metrics / "rm.json")
+    if isinstance(rm.get("accuracy"), (int, float)) and isinstance(rm.get("eval_pairs"), int) and rm["eval_pairs"] > 0:
+        low, high = wilson_interval(rm["accuracy"], rm["eval_pairs"])
+        add("ResRmAccuracyCiLow", fmt(low), "metrics/rm.json:accuracy,eval_pairs (Wilson 95% interval)")
+        add("ResRmAccuracyCiHigh", fmt(high), "metrics/rm.json:accuracy,eval_pairs (Wilson 95% interval)")
+    add("RefRewardBenchLow", fmt(REWARDBENCH_SMALL_HARMLESS[0]), "paper.py:REWARDBENCH_SMALL_HARMLESS")
+    add("RefRewardBenchHigh", fmt(REWARDBENCH_SMALL_HARMLESS[1]), "paper.py:REWARDBENCH_SMALL_HARMLESS")
     for key, value in _flatten("", params):
         add(f"Cfg{camel(key)}", _config_value(value), f"params:{key}")
     return macros
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion measured on n items."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def render_macros(macros: dict[str, Macro]) -> str:
@@ -194,7 +223,7 @@ def _table(spec: str, header: str, rows: list[str]) -> str:
 def setup_table(macros: dict[str, Macro]) -> str:
     rows = [
         ("Base model", r"\CfgModelNameOrPath"),
-        ("Quantisation / compute dtype", r"\CfgModelQuantization{} / \CfgModelComputeDtype"),
+        ("Quantisation / compute dtype", r"\CfgModelQuantization{} / \ResSftComputeDtype"),
         ("LoRA rank / alpha / dropout", r"\CfgModelLoraR{} / \CfgModelLoraAlpha{} / \CfgModelLoraDropout"),
         ("LoRA target modules", r"\CfgModelLoraTargetModules"),
         ("Optimizer", r"\CfgModelOptimizer"),
@@ -225,16 +254,19 @@ def training_table() -> str:
     return _table("@{}llrrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps & Time (s)", rows)
 
 
-def summary_table(policies: list[str]) -> str:
+def summary_table(policies: list[str], gold: bool = True) -> str:
+    """Base, SFT and PPO on held-out prompts; the gold column only where the data has a gold judge."""
     names = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
     rows = []
     for policy in policies:
         p = f"ResSummary{camel(policy)}"
+        gold_cell = f"\\{p}GoldMean{{}} [\\{p}GoldCiLow, \\{p}GoldCiHigh] & " if gold else ""
         rows.append(
             f"{names.get(policy, escape(policy))} & \\{p}RewardMean{{}} [\\{p}RewardCiLow, \\{p}RewardCiHigh] & "
-            f"\\{p}GoldMean{{}} [\\{p}GoldCiLow, \\{p}GoldCiHigh] & \\{p}KlToSft & \\{p}ResponseLength & \\{p}EosFraction")
-    header = r"Policy & RM reward [95\% CI] & Gold score [95\% CI] & KL to SFT (nats) & Length (tokens) & EOS"
-    return _table("@{}lllrrr@{}", header, rows)
+            f"{gold_cell}\\{p}KlToSft & \\{p}ResponseLength & \\{p}EosFraction")
+    header = (r"Policy & RM reward [95\% CI] & " + (r"Gold score [95\% CI] & " if gold else "")
+              + r"KL to SFT (nats) & Length (tokens) & EOS")
+    return _table("@{}lllrrr@{}" if gold else "@{}llrrr@{}", header, rows)
 
 
 def winrate_table(judges: list[str]) -> str:
@@ -245,11 +277,50 @@ def winrate_table(judges: list[str]) -> str:
 
 
 def gold_by_category_table(categories: list[str]) -> str:
+    """The whole table float, or nothing where the data has no gold judge (no empty table)."""
     if not categories:
-        return "\\emph{No gold judge on this data.}\n"
+        return ""
     rows = [f"{escape(c.capitalize())} & " + " & ".join(f"\\ResGold{camel(c)}{camel(col)}" for col in CATEGORY_COLUMNS)
             for c in categories]
-    return _table("@{}lrrrr@{}", r"Question & Base & SFT & PPO & Prompts", rows)
+    return "\n".join([r"\begin{table}[ht]", r"  \centering\small",
+                      r"  \caption{Mean gold score by kind of held-out question: where the policies differ.}",
+                      r"  \label{tab:gold}", _table("@{}lrrrr@{}", r"Question & Base & SFT & PPO & Prompts", rows),
+                      r"\end{table}", ""])
+
+
+def comparison_text(gold: bool) -> str:
+    """What the policy comparison measures: with a gold judge (synthetic data), its score beside the
+    reward model's; without one (real prompts), what the numbers can and cannot show."""
+    if gold:
+        return (r"Its gold score is \ResEvalPpoGoldMean{} against \ResEvalSftGoldMean{} for SFT. Against SFT, PPO "
+                r"wins on a fraction \ResEvalWinrateRm{} of prompts according to the reward model and "
+                r"\ResEvalWinrateGold{} according to the gold judge (Table~\ref{tab:winrate}); Table~\ref{tab:gold} "
+                r"shows where the gold score moves. These numbers come from one training run with one seed, and the "
+                r"intervals measure evaluation noise, not the spread between runs: on the embedded default, PPO runs "
+                r"with other seeds on the same SFT and reward models raised the reward every time but the gold score "
+                r"only in some of them, and one found replies that the reward model overrates and lowered the gold "
+                r"score (reward hacking; the project's studies/README.md gives the figures of those runs)." "\n")
+    return (r"There is no gold judge for these prompts (real hh-rlhf dialogues): what is measured is the learned "
+            r"reward model's score of each response, the KL divergence to the SFT policy, the response length and "
+            r"the share of responses that end with an end-of-sequence token. A higher reward shows that PPO "
+            r"optimised the reward model, not that its responses are more harmless or more helpful. Against SFT, "
+            r"PPO wins on a fraction \ResEvalWinrateRm{} of prompts according to the reward model "
+            r"(Table~\ref{tab:winrate}). These numbers come from one training run with one seed, and the intervals "
+            r"measure evaluation noise, not the spread between runs." "\n")
+
+
+def rm_context_text(macros: dict[str, Macro], synthetic: bool) -> str:
+    """On real pairs: the reward model's accuracy next to public small-model figures, and what limits it."""
+    if synthetic or "ResRmAccuracyCiLow" not in macros:
+        return ""
+    return (r"On real preference pairs this accuracy (\ResRmAccuracy{} on \ResRmEvalPairs{} held-out pairs, 95\% "
+            r"interval \ResRmAccuracyCiLow--\ResRmAccuracyCiHigh) is to be read next to public benchmarks: on the "
+            r"harmless subset of RewardBench, small reward models reach \RefRewardBenchLow--\RefRewardBenchHigh, and "
+            r"chance is one half. What limits it here: a small base model (\texttt{\CfgModelNameOrPath}) trained for "
+            r"\CfgRmMaxSteps{} steps of \CfgRmBatchSize{} pairs from \CfgDataRmSize{} pairs, where a full run has tens "
+            r"of thousands; dialogues longer than \CfgDataMaxLength{} tokens left out; labels that record one "
+            r"crowdworker's choice between two replies of similar models, so many pairs differ little; and a small "
+            r"held-out set, whose interval is wide." "\n")
 
 
 def samples_table(eval_dir: Path, count: int, max_chars: int = 220) -> str:
@@ -323,12 +394,21 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
     judges = [j for j in ("reward_model", "gold") if f"ResWinrate{camel(j)}WinRate" in macros]
     (tables / "setup.tex").write_text(setup_table(macros))
     (tables / "training.tex").write_text(training_table())
-    (tables / "summary.tex").write_text(summary_table(policies))
+    gold = all(f"ResSummary{camel(p)}GoldMean" in macros for p in policies)
+    (tables / "summary.tex").write_text(summary_table(policies, gold))
     (tables / "winrate.tex").write_text(winrate_table(judges))
     categories = sorted({m.source.split(":")[1].split(".")[0] for m in macros.values()
                          if m.source.startswith("eval/gold_by_category.csv:")})
     (tables / "gold_by_category.tex").write_text(gold_by_category_table(categories))
     (tables / "samples.tex").write_text(samples_table(eval_dir, samples))
+    text = out / "text"
+    text.mkdir()
+    (text / "comparison.tex").write_text(comparison_text(gold))
+    (text / "rm.tex").write_text(rm_context_text(macros, params.get("data", {}).get("source") == "synthetic"))
+    generated = "".join(f.read_text() for f in (*tables.glob("*.tex"), *text.glob("*.tex")))
+    undefined = sorted(set(GENERATED_MACRO_USE.findall(generated)) - set(macros))
+    if undefined:
+        raise PaperError("the generated text uses macros no result defines: " + ", ".join(f"\\{m}" for m in undefined))
     (out / "figures").mkdir()
     pdfs = sorted(figures.glob("*.pdf"))
     if not pdfs:
