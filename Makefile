@@ -11,16 +11,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.installed
 
-## run: set up, then regenerate every result of params.yaml (the embedded default) with DVC
+## run: set up, then the run of params.yaml (the embedded default) up to its paper, with DVC
 run: setup
-	dvc repro
+	dvc repro paper
 
 figures: setup
 	snakemake --cores 1 figures
 
-## seeds: PPO and the evaluation again with other seeds on the finished run (studies/ppo_seeds.py)
+## seeds: the seed study of params.yaml (seeds.ppo): PPO and its evaluation per seed, the across-seed report
 seeds: setup
-	$(PY) studies/ppo_seeds.py
+	dvc repro seeds
 
 ## test: set up, then run the test suite
 test: setup

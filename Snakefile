@@ -1,6 +1,7 @@
 # Second front door to the DAG in dvc.yaml: one rule per DVC stage, derived, never hand-written.
-#   snakemake --cores 1            # everything, up to the paper
+#   snakemake --cores 1            # the run of run.seed, up to the paper
 #   snakemake --cores 1 figures    # up to the figures
+#   snakemake --cores 2 seeds      # the seed study: every seed of seeds.ppo (side by side), its report
 # Rerun triggers: mtime of inputs (code + upstream outputs), the shell command, and `params:`,
 # which carries the values of exactly the params.yaml keys the DVC stage declares.
 import sys

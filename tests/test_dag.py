@@ -18,9 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "workflow"))
 
-from dag import edges, load_stages, snakemake_inputs  # noqa: E402
+from dag import edges, load_stages, produced_under, producers, snakemake_inputs  # noqa: E402
 
-EXPECTED = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
+SINGLE_SEED = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+SEED_STUDY = {f"{stage}@{seed}" for stage in ("ppo_seed", "evaluate_seed") for seed in PARAMS["seeds"]["ppo"]} | {"seeds"}
+EXPECTED = SINGLE_SEED | SEED_STUDY
+
+
+def rule_name(stage: str) -> str:
+    return re.sub(r"\W", "_", stage)
 
 
 def _tool(name: str) -> str:
@@ -47,10 +54,10 @@ def scratch(tmp_path_factory) -> Path:
             shutil.copy(item, root / "paper" / item.name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stages = load_stages(REPO / "dvc.yaml", params)
-    made = {out for s in stages.values() for out in s.outputs}
+    made = producers(stages)
     for stage in stages.values():
         for dep in stage.deps:
-            if dep in made or (REPO / dep).is_dir():
+            if produced_under(dep, made) or (REPO / dep).is_dir():
                 continue
             target = root / dep
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +85,7 @@ def _dvc_graph(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
 
 def _snakemake_graph(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
     snakemake = _tool("snakemake")
-    dot = subprocess.run([snakemake, "--rulegraph", "--cores", "1", "--forceall", "--quiet", "all"],
+    dot = subprocess.run([snakemake, "all", "seeds", "--rulegraph", "--cores", "1", "--forceall", "--quiet"],
                          cwd=root, check=True, env=_env(), capture_output=True, text=True).stdout
     labels = dict(re.findall(r'^\s*(\d+)\[label = "([^"]+)"', dot, re.M))
     links = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
@@ -87,13 +94,18 @@ def _snakemake_graph(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
     return nodes, links
 
 
+def _as_rules(nodes: set[str], links: set[tuple[str, str]]) -> tuple[set[str], set[tuple[str, str]]]:
+    return {rule_name(n) for n in nodes}, {(rule_name(a), rule_name(b)) for a, b in links}
+
+
 def test_dvc_and_snakemake_graphs_agree(scratch):
     dvc_nodes, dvc_edges = _dvc_graph(scratch)
     smk_nodes, smk_edges = _snakemake_graph(scratch)
     assert dvc_nodes == EXPECTED
-    assert smk_nodes == dvc_nodes
-    assert smk_edges == dvc_edges, (
-        f"only in dvc: {sorted(dvc_edges - smk_edges)}; only in snakemake: {sorted(smk_edges - dvc_edges)}")
+    dvc_nodes_as_rules, dvc_edges_as_rules = _as_rules(dvc_nodes, dvc_edges)
+    assert smk_nodes == dvc_nodes_as_rules
+    assert smk_edges == dvc_edges_as_rules, (
+        f"only in dvc: {sorted(dvc_edges_as_rules - smk_edges)}; only in snakemake: {sorted(smk_edges - dvc_edges_as_rules)}")
     # and the derivation's own reading of dvc.yaml agrees with DVC's
     params = yaml.safe_load((scratch / "params.yaml").read_text())
     assert edges(load_stages(scratch / "dvc.yaml", params)) == dvc_edges
@@ -125,7 +137,7 @@ def test_rules_carry_dvc_stage_definitions(scratch):
     finally:
         os.chdir(cwd)
     # `snakemake -n` plans every stage with exactly the DVC command
-    out = subprocess.run([_tool("snakemake"), "-n", "-p", "--cores", "1", "--forceall", "all"], cwd=scratch,
+    out = subprocess.run([_tool("snakemake"), "-n", "-p", "--cores", "1", "--forceall", "all", "seeds"], cwd=scratch,
                          check=True, env=_env(), capture_output=True, text=True).stdout
     for stage in stages.values():
         assert stage.cmd in out
@@ -141,11 +153,11 @@ def test_params_trigger_and_source_dirs(scratch):
     changed["ppo"]["kl_coef"] = 0.123
     after = load_stages(scratch / "dvc.yaml", changed)
     differs = {name for name in stages if stages[name].rule_params() != after[name].rule_params()}
-    assert differs == {"ppo", "paper"}
+    assert differs == {"ppo", "paper"} | {name for name in SEED_STUDY if name.startswith("ppo_seed@")}
     changed["model"]["name_or_path"] = "elsewhere"
     after = load_stages(scratch / "dvc.yaml", changed)
     differs = {name for name in stages if stages[name].rule_params() != after[name].rule_params()}
-    assert differs == {"data", "base", "sft", "rm", "ppo", "paper"}
+    assert differs == {"data", "base", "sft", "rm", "ppo", "paper"} | {n for n in SEED_STUDY if n.startswith("ppo_seed@")}
 
 
 def test_only_the_reports_read_metrics_files(scratch):
@@ -155,8 +167,9 @@ def test_only_the_reports_read_metrics_files(scratch):
     params = yaml.safe_load((scratch / "params.yaml").read_text())
     stages = load_stages(scratch / "dvc.yaml", params)
     metrics_files = {path for stage in stages.values() for path in stage.files}
-    readers = {name for name, stage in stages.items() if metrics_files & set(stage.deps)}
-    assert readers == {"figures", "paper"}
+    readers = {name for name, stage in stages.items()
+               if any(dep == f or f.startswith(dep + "/") for f in metrics_files for dep in stage.deps)}
+    assert readers == {"figures", "paper", "seeds"}  # seeds reads its folder of seeds, metrics included
 
 
 FAKE_STAGE = '''
@@ -166,8 +179,9 @@ from pathlib import Path
 import yaml
 sys.path.insert(0, "workflow")
 from dag import load_stages
-verb = sys.argv[1]
-stage = load_stages("dvc.yaml", yaml.safe_load(Path("params.yaml").read_text()))[verb]
+command = " ".join(["python -m qlora_rlhf", *sys.argv[1:]])
+stages = load_stages("dvc.yaml", yaml.safe_load(Path("params.yaml").read_text())).values()
+stage = next(s for s in stages if s.cmd == command)
 token = uuid.uuid4().hex
 for out in stage.outs:
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -176,7 +190,7 @@ for out in stage.files:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text('{"value": 1}' if out.endswith(".json") else "step,value\\n1,1\\n")
 with open("ran.log", "a") as log:
-    log.write(verb + "\\n")
+    log.write(stage.name + "\\n")
 '''
 
 
@@ -204,37 +218,39 @@ def _set_param(root: Path, section: str, key: str, value: float) -> None:
 
 RERUN_AFTER_KL_COEF = {"ppo", "evaluate", "figures", "paper"}
 RERUN_AFTER_KL_BAND = {"figures", "paper"}  # drawing only: PPO's fixed kl_coef does not read it
+SEEDS_AFTER_KL_COEF = {n for n in SEED_STUDY if "@" in n} | {"seeds"}  # every seed's PPO and evaluation
 
 
-def test_snakemake_params_trigger_reruns_same_stages_as_dvc(scratch, tmp_path):
-    """Both front doors run every stage once, nothing on a second call, after a change of
+def _front_door(door: str, root: Path, env: dict) -> dict:
+    """target -> the command that builds it, through Snakemake or DVC (initialised here)."""
+    if door == "smk":
+        return {target: [_tool("snakemake"), rule, "--cores", "1", "--quiet"]  # --quiet takes a value: targets first
+                for target, rule in (("paper", "all"), ("seeds", "seeds"))}
+    subprocess.run([_tool("dvc"), "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+    return {target: [_tool("dvc"), "repro", "-q", target] for target in ("paper", "seeds")}
+
+
+@pytest.mark.parametrize("door", ["smk", "dvc"])
+def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path, door):
+    """Each front door runs every stage of the run once, nothing on a second call, after a change of
     ppo.kl_coef exactly ppo and what follows it, and after a change of the figures' KL band only
-    figures and paper (stand-in stage commands; seconds)."""
-    root = tmp_path / "smk"
+    figures and paper; its seed-study target then runs each seed's PPO and evaluation and the report,
+    and after another kl_coef change all of them again (stand-in stage commands; seconds)."""
+    root = tmp_path / door
     env = _fake_project(root, scratch)
-    snakemake = [_tool("snakemake"), "--cores", "1", "--quiet", "all"]
-    subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
-    assert sorted(_ran(root)) == sorted(EXPECTED)
-    subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
-    assert _ran(root) == []
-    _set_param(root, "ppo", "kl_coef", 0.321)
-    subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
-    assert set(_ran(root)) == RERUN_AFTER_KL_COEF
-    _set_param(root, "figures", "kl_band_high", 0.5)
-    subprocess.run(snakemake, cwd=root, env=env, check=True, capture_output=True)
-    assert set(_ran(root)) == RERUN_AFTER_KL_BAND
+    build = _front_door(door, root, env)
 
-    root = tmp_path / "dvc"
-    env = _fake_project(root, scratch)
-    dvc = _tool("dvc")
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
-    subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
-    assert sorted(_ran(root)) == sorted(EXPECTED)
-    subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
-    assert _ran(root) == []
+    def run(target: str) -> set[str]:
+        subprocess.run(build[target], cwd=root, env=env, check=True, capture_output=True)
+        return set(_ran(root))
+
+    assert run("paper") == SINGLE_SEED
+    assert run("paper") == set()
     _set_param(root, "ppo", "kl_coef", 0.321)
-    subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
-    assert set(_ran(root)) == RERUN_AFTER_KL_COEF
+    assert run("paper") == RERUN_AFTER_KL_COEF
     _set_param(root, "figures", "kl_band_high", 0.5)
-    subprocess.run([dvc, "repro", "-q"], cwd=root, env=env, check=True, capture_output=True)
-    assert set(_ran(root)) == RERUN_AFTER_KL_BAND
+    assert run("paper") == RERUN_AFTER_KL_BAND
+    assert run("seeds") == SEED_STUDY
+    assert run("seeds") == set()
+    _set_param(root, "ppo", "kl_coef", 0.123)
+    assert run("seeds") == RERUN_AFTER_KL_COEF | SEEDS_AFTER_KL_COEF

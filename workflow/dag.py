@@ -3,7 +3,9 @@
 The Snakefile derives its rules from `load_stages`; tests/test_dag.py uses the same reader to
 check that the two front doors agree. Only the subset of dvc.yaml this project uses is supported:
 `${dotted.key}` interpolation from params, `deps`, `params` (keys of params.yaml), `outs`
-(always directories), `metrics` and `plots` (always files) and `cmd`.
+(always directories), `metrics` and `plots` (always files), `cmd`, and `foreach` over a list of
+scalars (one stage `name@item` per item, `${item}` filled in, as DVC names them). A dep that is a
+folder holding other stages' outputs depends on all of them, as in DVC.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def interpolate(text: str, params: dict) -> str:
     return _REF.sub(lambda m: str(lookup(params, m.group(1).strip())), text)
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
+
+
 def _entries(raw: list | None) -> list[str]:
     """Entries may be plain paths or `{path: {options}}` mappings."""
     out = []
@@ -56,6 +62,12 @@ class Stage:
     params: dict[str, Any]          # dotted params key -> its value in params.yaml
     outs: list[str]                 # directories
     files: list[str] = field(default_factory=list)   # metrics + plots files
+    group_size: int = 1             # how many stages one `foreach` made (1 for a plain stage)
+
+    @property
+    def rule_name(self) -> str:
+        """Snakemake rule names are identifiers: `ppo_seed@3` -> `ppo_seed_3`."""
+        return re.sub(r"\W", "_", self.name)
 
     @property
     def outputs(self) -> list[str]:
@@ -70,32 +82,51 @@ def load_stages(dvc_yaml: str | Path, params: dict) -> dict[str, Stage]:
     raw = yaml.safe_load(Path(dvc_yaml).read_text())
     stages = {}
     for name, spec in raw["stages"].items():
-        if "foreach" in spec or "matrix" in spec:
-            raise DagError(f"stage {name}: foreach/matrix stages are not translated")
-        param_keys = []
-        for item in spec.get("params") or []:
-            if not isinstance(item, str):
-                raise DagError(f"stage {name}: only keys of params.yaml are supported, got {item!r}")
-            param_keys.append(item)
-        stages[name] = Stage(
-            name=name,
-            cmd=interpolate(spec["cmd"], params),
-            deps=[interpolate(p, params) for p in _entries(spec.get("deps"))],
-            params={key: lookup(params, key) for key in param_keys},
-            outs=[interpolate(p, params) for p in _entries(spec.get("outs"))],
-            files=[interpolate(p, params) for p in _entries(spec.get("metrics")) + _entries(spec.get("plots"))],
-        )
+        if "matrix" in spec:
+            raise DagError(f"stage {name}: matrix stages are not translated")
+        if "foreach" not in spec:
+            stages[name] = _stage(name, spec, params)
+            continue
+        items = _REF.fullmatch(spec["foreach"].strip()) if isinstance(spec["foreach"], str) else None
+        items = lookup(params, items.group(1).strip()) if items else spec["foreach"]
+        if not isinstance(items, list) or not all(isinstance(i, (str, int)) for i in items):
+            raise DagError(f"stage {name}: foreach must be a list of scalars, got {items!r}")
+        for item in items:
+            stages[f"{name}@{item}"] = _stage(f"{name}@{item}", spec["do"], params | {"item": item}, len(items))
     return stages
+
+
+def _stage(name: str, spec: dict, params: dict, group_size: int = 1) -> Stage:
+    param_keys = []
+    for item in spec.get("params") or []:
+        if not isinstance(item, str):
+            raise DagError(f"stage {name}: only keys of params.yaml are supported, got {item!r}")
+        param_keys.append(item)
+    return Stage(
+        name=name,
+        cmd=interpolate(spec["cmd"], params),
+        deps=[interpolate(p, params) for p in _entries(spec.get("deps"))],
+        params={key: lookup(params, key) for key in param_keys},
+        outs=[interpolate(p, params) for p in _entries(spec.get("outs"))],
+        files=[interpolate(p, params) for p in _entries(spec.get("metrics")) + _entries(spec.get("plots"))],
+        group_size=group_size,
+    )
 
 
 def producers(stages: dict[str, Stage]) -> dict[str, str]:
     return {out: stage.name for stage in stages.values() for out in stage.outputs}
 
 
+def produced_under(dep: str, made_by: dict[str, str]) -> list[str]:
+    """The outputs that a dep stands for: itself if a stage writes it, else those inside it (a folder)."""
+    return [dep] if dep in made_by else sorted(out for out in made_by if _inside(out, dep))
+
+
 def edges(stages: dict[str, Stage]) -> set[tuple[str, str]]:
     """(upstream, downstream) pairs: a stage depends on whoever writes one of its deps."""
     made_by = producers(stages)
-    return {(made_by[dep], stage.name) for stage in stages.values() for dep in stage.deps if dep in made_by}
+    return {(made_by[out], stage.name) for stage in stages.values() for dep in stage.deps
+            for out in produced_under(dep, made_by)}
 
 
 def source_files(path: str, root: str | Path = ".") -> list[str]:
@@ -116,5 +147,5 @@ def snakemake_inputs(stage: Stage, stages: dict[str, Stage], root: str | Path = 
     made_by = producers(stages)
     inputs: list[str] = []
     for dep in stage.deps:
-        inputs.extend([dep] if dep in made_by else source_files(dep, root))
+        inputs.extend(produced_under(dep, made_by) or source_files(dep, root))
     return inputs

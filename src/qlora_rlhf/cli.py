@@ -11,7 +11,7 @@ import sys
 from typing import NamedTuple
 
 from . import precision
-from .config import ConfigError, check_runtime, load_config
+from .config import Config, ConfigError, check_runtime, load_config
 from .errors import UserError
 from .memory import DEVICES
 from .paths import RunPaths
@@ -34,8 +34,21 @@ STAGES = {
     "evaluate": Verb("qlora_rlhf.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
     "figures": Verb("qlora_rlhf.figures", False, "seaborn figures from metrics and tables"),
     "paper": Verb("qlora_rlhf.paper", False, "LaTeX macros, tables and the PDF from the results (needs latexmk)"),
+    "seeds": Verb("qlora_rlhf.seeds", False, "the seed study: across-seed table, figure and the paper with its section"),
     "plan-memory": Verb("qlora_rlhf.memory", False, "expected peak memory per stage for a params file"),
 }
+
+
+SEEDED = ("ppo", "evaluate")  # the verbs that the seed study runs once per seed
+
+
+def with_seed(config: Config, seed: int | None) -> Config:
+    """The config of one run of the seed study: run.seed replaced (its PPO's prompt order and noise)."""
+    if seed is None or seed == config.run.seed:
+        return config
+    if seed not in config.seeds.ppo:
+        raise ConfigError(f"--seed {seed}: not one of seeds.ppo={config.seeds.ppo} or run.seed={config.run.seed}")
+    return config.model_copy(update={"run": config.run.model_copy(update={"seed": seed})})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, verb in STAGES.items():
         sub = verbs.add_parser(name, help=verb.help)
         sub.add_argument("--params", default="params.yaml")
+        if name in SEEDED:
+            sub.add_argument("--seed", type=int, help="a seed of seeds.ppo: its run, under results/<run>/seeds/<seed>/")
         if name == "plan-memory":
             sub.add_argument("--budget-gib", type=float, default=24.0)
             sub.add_argument("--device", choices=DEVICES, default="cuda",
@@ -52,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.params)
+        seed = getattr(args, "seed", None)
+        paths, config = RunPaths.of(config, seed), with_seed(config, seed)
         if args.verb == "validate" or STAGES[args.verb].loads_model:
             check_runtime(config)
             print(f"{args.verb}: {precision.describe(precision.of(config))}")
@@ -60,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module = importlib.import_module(STAGES[args.verb].module)
         extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
-        module.run(config, RunPaths.of(config), **extra)
+        module.run(config, paths, **extra)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

@@ -150,6 +150,20 @@ class EvalConfig(_Section):
     num_sample_rows: int = Field(ge=0)
 
 
+class SeedsConfig(_Section):
+    """The seed study (`dvc repro seeds`): PPO and its evaluation again with each of these seeds on the
+    run's own data, SFT and reward model; run.seed's run is its first row."""
+
+    ppo: list[int] = Field(min_length=1, description="PPO seeds besides run.seed")
+
+    @field_validator("ppo")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"expected distinct seeds >= 0, got {seeds}")
+        return seeds
+
+
 class Config(_Section):
     run: RunConfig
     model: ModelConfig
@@ -159,6 +173,7 @@ class Config(_Section):
     ppo: PPOConfig
     eval: EvalConfig
     figures: FiguresConfig
+    seeds: SeedsConfig
 
     @model_validator(mode="after")
     def _fits_data(self) -> Config:
@@ -172,6 +187,8 @@ class Config(_Section):
                     for key, value, data_key, size in checks if value > size]
         if self.ppo.max_new_tokens + self.data.max_prompt_tokens > self.data.max_length * 4:
             problems.append("ppo.max_new_tokens + data.max_prompt_tokens is unreasonably long for data.max_length")
+        if self.run.seed in self.seeds.ppo:
+            problems.append(f"seeds.ppo lists run.seed={self.run.seed}, whose run is the study's first row already")
         if problems:  # one line per problem
             raise ValueError("\n".join(problems))
         return self

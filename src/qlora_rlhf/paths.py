@@ -1,4 +1,8 @@
-"""Where each stage reads and writes: everything a run produces lives under results/<run.name>/."""
+"""Where each stage reads and writes: everything a run produces lives under results/<run.name>/.
+
+A run of the seed study (PPO and its evaluation with another seed) writes under
+results/<run.name>/seeds/<seed>/ in the same layout, and reads the run's own data, base, SFT and
+reward model."""
 
 from __future__ import annotations
 
@@ -11,15 +15,31 @@ from .config import Config
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
+    shared_root: Path | None = None  # a seed's run: where the run's data, base, SFT and RM are
 
     @classmethod
-    def of(cls, config: Config) -> RunPaths:
-        return cls(Path(config.run.results_dir) / config.run.name)
+    def of(cls, config: Config, seed: int | None = None) -> RunPaths:
+        """The run's paths, or with `seed` (other than run.seed) those of that seed's PPO run."""
+        main = Path(config.run.results_dir) / config.run.name
+        return cls(main) if seed in (None, config.run.seed) else cls(main / "seeds" / str(seed), main)
+
+    @property
+    def main(self) -> RunPaths:
+        """The run a seed belongs to (itself for the run of run.seed)."""
+        return RunPaths(self.shared_root) if self.shared_root else self
+
+    @property
+    def seeds(self) -> Path:
+        return self.main.root / "seeds"
+
+    @property
+    def seed_study(self) -> Path:
+        return self.main.root / "seed_study"
 
     # data stage
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return (self.shared_root or self.root) / "data"
 
     def split(self, name: str) -> Path:
         return self.data / f"{name}.jsonl"
@@ -31,15 +51,15 @@ class RunPaths:
     # base / training stages: one folder each, written atomically
     @property
     def base_model(self) -> Path:
-        return self.root / "base"
+        return (self.shared_root or self.root) / "base"
 
     @property
     def sft(self) -> Path:
-        return self.root / "sft"
+        return (self.shared_root or self.root) / "sft"
 
     @property
     def rm(self) -> Path:
-        return self.root / "rm"
+        return (self.shared_root or self.root) / "rm"
 
     @property
     def ppo(self) -> Path:

@@ -1,12 +1,16 @@
-# One procedural rule per dvc.yaml stage. Everything comes from STAGES (workflow/dag.py).
+# One procedural rule per dvc.yaml stage (a `foreach` stage gives one rule per item, `ppo_seed@3` ->
+# `ppo_seed_3`). Everything comes from STAGES (workflow/dag.py).
 # The rule is made inside a function: Snakemake evaluates `shell:` again when the job runs, and a
 # bare loop variable would by then name the last stage for every rule.
+# Threads: Snakemake sets OMP_NUM_THREADS (torch's thread count) to a rule's threads. A plain stage
+# takes every core it is given; the stages of one `foreach` (the PPO seeds) share them, so that
+# independent seeds run side by side under `--cores N`.
 
 
 def _stage_rule(stage):
     rule:
         name:
-            stage.name
+            stage.rule_name
         input:
             snakemake_inputs(stage, STAGES, workflow.basedir),
         output:
@@ -14,6 +18,7 @@ def _stage_rule(stage):
             *stage.files,
         params:
             **stage.rule_params(),
+        threads: max(1, workflow.cores // stage.group_size)
         shell:
             stage.cmd.replace("{", "{{").replace("}", "}}")
 

@@ -1,0 +1,212 @@
+"""The seed study's report (`dvc repro seeds`): PPO against SFT with every PPO seed, the run of
+run.seed first and then each of seeds.ppo, all on the same data, SFT and reward model, and all
+compared with the one evaluation of SFT (results/<run>/eval). Writes results/<run>/seed_study/:
+
+- seeds.csv       one row per seed: SFT's and PPO's mean gold and reward-model scores, PPO's gain over
+                  SFT with a paired bootstrap interval over prompts, win rates, KL to SFT
+- metrics/seeds.json  across seeds: the mean gain with a 95 % t interval over seeds, and how many
+                  seeds' own interval excludes 0 (outside the folder: DVC's metrics)
+- seeds.png/.pdf  the figure: each seed's gain with its interval, and the across-seed mean
+- paper/          the run's paper with a section built from them (paper.pdf)
+
+A bootstrap interval over prompts measures evaluation noise within one PPO run; the interval over
+seeds measures how much PPO's outcome varies between runs, which the claim is about."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_dir, write_json
+from .config import Config
+from .errors import PaperError
+from .paths import RunPaths
+
+JUDGES = {"gold": "gold judge", "reward": "reward model"}
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy in the stack); 1.96 beyond.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_quantile(df: int) -> float:
+    return T_975[max(k for k in T_975 if k <= df)] if df < 60 else 1.96
+
+
+def interval_over_seeds(values: np.ndarray) -> tuple[float, float]:
+    """95 % t interval of the mean over seeds (NaN with fewer than two)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = t_quantile(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def paired_bootstrap(diff: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = rng.choice(diff, size=(samples, len(diff)), replace=True).mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def seed_row(seed: int, sft: pd.DataFrame, ppo: pd.DataFrame, samples: int) -> dict:
+    """PPO (one seed's generations) against SFT, prompt by prompt: both are in the evaluation's order."""
+    if list(sft["prompt"]) != list(ppo["prompt"]):
+        raise PaperError(f"seed {seed}: its evaluation covers other prompts than SFT's; re-run `dvc repro seeds`")
+    row: dict = {"seed": seed, "kl_to_sft": float(ppo["kl_to_sft"].mean()),
+                 "eos_fraction": float(ppo["ends_with_eos"].astype(bool).mean())}
+    for judge in JUDGES:
+        a, b = sft[judge].astype(float).to_numpy(), ppo[judge].astype(float).to_numpy()
+        keep = ~(np.isnan(a) | np.isnan(b))
+        if not keep.any():  # real prompts: no gold judge
+            continue
+        diff = b[keep] - a[keep]
+        low, high = paired_bootstrap(diff, samples, seed)
+        wins = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
+        row |= {f"sft_{judge}": float(a[keep].mean()), f"ppo_{judge}": float(b[keep].mean()),
+                f"{judge}_gain": float(diff.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
+                f"winrate_{judge}": float(wins.mean())}
+    return row
+
+
+def across_seeds(table: pd.DataFrame) -> dict:
+    summary: dict = {"seeds": len(table)}
+    for judge in JUDGES:
+        if f"{judge}_gain" not in table:
+            continue
+        gains = table[f"{judge}_gain"].to_numpy()
+        low, high = interval_over_seeds(gains)
+        summary |= {f"{judge}_gain_mean": float(gains.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
+                    f"{judge}_seeds_above_zero": int((table[f"{judge}_gain_ci_low"] > 0).sum()),
+                    f"{judge}_seeds_below_zero": int((table[f"{judge}_gain_ci_high"] < 0).sum()),
+                    f"{judge}_seeds_excluding_zero": int(((table[f"{judge}_gain_ci_low"] > 0)
+                                                          | (table[f"{judge}_gain_ci_high"] < 0)).sum())}
+    summary["kl_to_sft_mean"] = float(table["kl_to_sft"].mean())
+    return summary
+
+
+def policy_rows(eval_dir: Path, policy: str) -> pd.DataFrame:
+    path = eval_dir / "generations.csv"
+    if not path.is_file():
+        raise PaperError(f"{path} is missing; run `dvc repro seeds` (it evaluates every seed first)")
+    frame = pd.read_csv(path)
+    return frame[frame["policy"] == policy].reset_index(drop=True)
+
+
+def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    judges = [j for j in JUDGES if f"{j}_gain" in table]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(judges), figsize=(3.5 * len(judges), 2.6), squeeze=False)
+    for ax, judge in zip(axes[0], judges):
+        x = np.arange(len(table))
+        gain = table[f"{judge}_gain"].to_numpy()
+        err = np.vstack([gain - table[f"{judge}_gain_ci_low"], table[f"{judge}_gain_ci_high"] - gain])
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        low, high = summary[f"{judge}_gain_ci_low"], summary[f"{judge}_gain_ci_high"]
+        if not math.isnan(low):
+            ax.axhspan(low, high, color="#d62728", alpha=0.15, label="mean, 95 % over seeds")
+        ax.axhline(summary[f"{judge}_gain_mean"], color="#d62728", linewidth=1.2)
+        ax.errorbar(x, gain, yerr=err, fmt="o", color="#1f77b4", capsize=3, label="seed, 95 % over prompts")
+        ax.set_xticks(x, [str(s) for s in table["seed"]])
+        ax.set_xlabel("PPO seed")
+        ax.set_ylabel(f"PPO − SFT, {JUDGES[judge]}")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        fig.savefig(out / f"seeds.{suffix}", dpi=200)
+    plt.close(fig)
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "--" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def latex_table(table: pd.DataFrame, summary: dict) -> str:
+    judges = [j for j in JUDGES if f"{j}_gain" in table]
+    head = ["Seed"] + [f"{name} ({JUDGES[j]})" for j in judges for name in ("SFT", "PPO", "gain [95\\%]", "win")] + ["KL"]
+    lines = [r"\begin{table*}[ht]", r"  \centering\small",
+             r"  \caption{PPO against SFT with each PPO seed (same data, SFT and reward model; SFT evaluated once). "
+             r"Gain intervals: paired bootstrap over prompts. Last row: mean over seeds with its 95\% $t$ interval.}",
+             r"  \label{tab:seeds}", r"  \begin{tabular}{@{}l" + "rrrr" * len(judges) + r"r@{}}", r"    \toprule",
+             "    " + " & ".join(head) + r" \\", r"    \midrule"]
+    for row in table.to_dict("records"):
+        cells = [str(row["seed"])]
+        for j in judges:
+            cells += [fmt(row[f"sft_{j}"]), fmt(row[f"ppo_{j}"]),
+                      f"{fmt(row[f'{j}_gain'])} [{fmt(row[f'{j}_gain_ci_low'])}, {fmt(row[f'{j}_gain_ci_high'])}]",
+                      fmt(row[f"winrate_{j}"], 2)]
+        lines.append("    " + " & ".join(cells + [fmt(row["kl_to_sft"], 2)]) + r" \\")
+    cells = ["Mean"]
+    for j in judges:
+        cells += ["", "", f"{fmt(summary[f'{j}_gain_mean'])} [{fmt(summary[f'{j}_gain_ci_low'])}, "
+                          f"{fmt(summary[f'{j}_gain_ci_high'])}]", ""]
+    lines += [r"    \midrule", "    " + " & ".join(cells + [fmt(summary["kl_to_sft_mean"], 2)]) + r" \\",
+              r"    \bottomrule", r"  \end{tabular}", r"\end{table*}", ""]
+    return "\n".join(lines)
+
+
+def section_text(summary: dict) -> str:
+    """The paper's section on the seed study; every number comes from summary.json."""
+    n = summary["seeds"]
+    parts = [r"\subsection{Across PPO seeds}", "",
+             f"PPO was run with {n} seeds on the same data, SFT model and reward model, and each policy was "
+             r"evaluated on the same held-out prompts against the one evaluation of SFT (Table~\ref{tab:seeds}, "
+             r"Figure~\ref{fig:seeds}). A seed's interval is a paired bootstrap over prompts and measures evaluation "
+             r"noise within that run; the interval over seeds measures how much PPO's outcome varies between runs."]
+    for judge, name in JUDGES.items():
+        if f"{judge}_gain_mean" not in summary:
+            continue
+        parts.append(
+            f"Under the {name}, PPO's mean gain over SFT is {fmt(summary[f'{judge}_gain_mean'])} "
+            f"(95\\% interval over seeds {fmt(summary[f'{judge}_gain_ci_low'])} to "
+            f"{fmt(summary[f'{judge}_gain_ci_high'])}); the interval of {summary[f'{judge}_seeds_above_zero']} of "
+            f"{n} seeds lies above zero and that of {summary[f'{judge}_seeds_below_zero']} below it.")
+    if "gold_gain_mean" not in summary:
+        parts.append("There is no gold judge for these prompts: a gain under the reward model shows that PPO "
+                     "optimised the reward model, not that its responses are better.")
+    parts += ["", r"\begin{figure}[ht]", r"  \centering", r"  \includegraphics[width=\linewidth]{figures/seeds.pdf}",
+              r"  \caption{PPO's gain over SFT with each seed (95\% paired bootstrap over prompts) and the mean over "
+              r"seeds (line) with its 95\% interval (band).}", r"  \label{fig:seeds}", r"\end{figure}", "",
+              r"\input{tables/seeds}", ""]
+    return "\n".join(parts)
+
+
+def run(config: Config, paths: RunPaths) -> dict:
+    from .paper import build_pdf, latexmk_path
+
+    latexmk_path()  # fail before any work when the toolchain is missing
+    seeds = [config.run.seed, *config.seeds.ppo]
+    sft = policy_rows(paths.eval, "sft")
+    rows = [seed_row(seed, sft, policy_rows(RunPaths.of(config, seed).eval, "ppo"), config.eval.bootstrap_samples)
+            for seed in seeds]
+    table = pd.DataFrame(rows)
+    summary = across_seeds(table)
+    if not (paths.paper / "paper.tex").is_file():
+        raise PaperError(f"{paths.paper} is missing: run the paper stage first")
+    with atomic_dir(paths.seed_study) as out:
+        table.to_csv(out / "seeds.csv", index=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # tight_layout's notes on small figures
+            draw(table, summary, out)
+        paper = out / "paper"
+        shutil.copytree(paths.paper, paper)
+        (paper / "paper.pdf").unlink(missing_ok=True)
+        shutil.copy2(out / "seeds.pdf", paper / "figures" / "seeds.pdf")
+        (paper / "tables" / "seeds.tex").write_text(latex_table(table, summary))
+        (paper / "text" / "seeds.tex").write_text(section_text(summary))
+        build_pdf(paper)
+    write_json(paths.stage_metrics("seeds"), {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                              for k, v in summary.items()})
+    columns = [c for c in ("seed", "sft_gold", "ppo_gold", "gold_gain", "sft_reward", "ppo_reward", "reward_gain",
+                           "kl_to_sft") if c in table]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"seeds: wrote {paths.seed_study}")
+    return summary
