@@ -8,7 +8,9 @@ sampled k times and its scores are centered on the mean of its other samples (RL
 so that how hard a prompt is no longer drowns the signal of how good a response is; per-token
 reward = -kl_coef · (log π − log π_ref), plus the score on the last token; GAE advantages
 (whitened); then `ppo_epochs` passes of the clipped policy loss + vf_coef · clipped value loss
-over mini-batches.
+over mini-batches. Padding is found by position (everything after the first EOS), never by token id,
+and padded positions are selected out before any arithmetic. docs/ppo.md lists where this loop departs
+from TRL's and why; tests/test_ppo_equations.py checks the equations against trl's own code.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ KEEP_CHECKPOINTS = 2
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over positions where mask is 1. A selection, not a product: a padded position's value may be
+    non-finite (an overflowed log-prob), and 0 * inf is NaN."""
+    return torch.where(mask.bool(), values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the masked positions (population variance; TRL's uses Bessel's
+    correction, a factor sqrt(n / (n - 1)) apart, docs/ppo.md); 0 at padded positions."""
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
-    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+    return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -77,6 +83,49 @@ def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).flatten()
 
 
+def sequence_scores(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """The reward model's scores minus `missing_eos_penalty` where no EOS was sampled, then centered on
+    each prompt's other samples (`leave_one_out`)."""
+    return leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
+
+
+def token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, resp_mask: torch.Tensor,
+                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token rewards, per-token KL): -kl_coef * (log pi - log pi_ref) on every real response token
+    (TRL's k1 estimator), 0 on padding, plus each sequence's score on its last real token."""
+    kl_tokens = torch.where(resp_mask.bool(), logprobs - ref_logprobs, 0.0)
+    rewards = -kl_coef * kl_tokens
+    last = (resp_mask.sum(1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(rewards)), last] += scores
+    return rewards, kl_tokens
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, resp_mask: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whitened GAE advantages, returns = raw advantages + values), 0 advantage on padding."""
+    raw = gae(rewards, values, gamma, lam) * resp_mask
+    return masked_whiten(raw, resp_mask), raw + values
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clipped policy loss, fraction of tokens clipped). The log-ratio is zeroed at padded positions
+    before the exp, so a padded log-prob (whatever its value) never reaches the ratio or its gradient."""
+    ratio = torch.exp(torch.where(mask.bool(), new_logprobs - old_logprobs, 0.0))
+    pg1, pg2 = -advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    return masked_mean(torch.max(pg1, pg2), mask), masked_mean((pg2 > pg1).float(), mask).detach()
+
+
+def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> torch.Tensor:
+    """0.5 * masked mean of max((v - R)^2, (v_clipped - R)^2), v_clipped within cliprange_value of the rollout's value.
+    A padded prediction is replaced before any arithmetic: masking only the mean would still send
+    0 * inf = NaN back through the square in the backward pass."""
+    vpred = torch.where(mask.bool(), vpred, old_values)
+    vclipped = old_values + (vpred - old_values).clamp(-cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
+
+
 def make_optimizer(config: Config, params):
     if config.model.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -94,20 +143,16 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, to
     with torch.no_grad():
         logits, hidden = ac.forward(ids, mask, logits_from=start)
         logprobs = token_logprobs(logits[:, :-1], response, cfg.temperature)
-        values = ac.values(hidden[:, start:-1]) * resp_mask
+        values = torch.where(resp_mask.bool(), ac.values(hidden[:, start:-1]), 0.0)
         with ac.reference():
             ref_logits, _ = ac.forward(ids, mask, logits_from=start)
         ref_logprobs = token_logprobs(ref_logits[:, :-1], response, cfg.temperature)
         scores = ac.reward(ids, mask)
     has_eos = (response == tok.eos_token_id).any(1)
-    penalized = leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
-    kl_tokens = (logprobs - ref_logprobs) * resp_mask
-    rewards = -cfg.kl_coef * kl_tokens
-    last = (resp_mask.sum(1) - 1).clamp(min=0)
-    rewards[torch.arange(len(prompts)), last] += penalized
-    raw_advantages = gae(rewards, values, cfg.gamma, cfg.lam) * resp_mask
+    rewards, kl_tokens = token_rewards(logprobs, ref_logprobs, sequence_scores(scores, has_eos, cfg), resp_mask, cfg.kl_coef)
+    advantages, returns = advantages_and_returns(rewards, values, resp_mask, cfg.gamma, cfg.lam)
     return dict(ids=ids, mask=mask, response=response, resp_mask=resp_mask.float(), logprobs=logprobs,
-                values=values, returns=raw_advantages + values, advantages=masked_whiten(raw_advantages, resp_mask),
+                values=values, returns=returns, advantages=advantages,
                 scores=scores, has_eos=has_eos, kl=kl_tokens.sum(1), start=torch.tensor(start))
 
 
@@ -121,13 +166,10 @@ def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str,
             logits = logits[:, :-1].float() / cfg.temperature
             new_logprobs = torch.log_softmax(logits, -1).gather(-1, batch["response"][mb].unsqueeze(-1)).squeeze(-1)
             vpred = ac.values(hidden[:, start:-1])
-            m, adv, old_v, ret = batch["resp_mask"][mb], batch["advantages"][mb], batch["values"][mb], batch["returns"][mb]
-            ratio = torch.exp(new_logprobs - batch["logprobs"][mb])
-            pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
-            policy_loss = masked_mean(torch.max(pg1, pg2), m)
-            vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-            value_loss = 0.5 * masked_mean(torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2), m)
-            loss = policy_loss + cfg.vf_coef * value_loss
+            m = batch["resp_mask"][mb]
+            pg_loss, clip_fraction = policy_loss(new_logprobs, batch["logprobs"][mb], batch["advantages"][mb], m, cfg.cliprange)
+            vf_loss = value_loss(vpred, batch["values"][mb], batch["returns"][mb], m, cfg.cliprange_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(ac.policy_parameters(), 1.0)
@@ -136,9 +178,9 @@ def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str,
                 probs = torch.softmax(logits, -1)
                 entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
                 stats["entropy"].append(masked_mean(entropy, m).item())
-                stats["clip_fraction"].append(masked_mean((pg2 > pg1).float(), m).item())
-            stats["policy_loss"].append(policy_loss.item())
-            stats["value_loss"].append(value_loss.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+            stats["policy_loss"].append(pg_loss.item())
+            stats["value_loss"].append(vf_loss.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
