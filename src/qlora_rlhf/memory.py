@@ -317,11 +317,12 @@ def plan(config: Config, arch: Architecture, device: str = "cuda") -> dict[str, 
 
 
 def separate_models_extra_bytes(config: Config, arch: Architecture) -> float:
-    """What PPO would add by loading reference, reward and value models as their own 4-bit copies
-    (TRL's default layout: policy, reference, reward model, value model) instead of one shared base."""
-    frozen = _weights(config, arch, lm_head=True)
+    """What PPO would add in TRL's layout instead of one shared base: with peft, TRL's PPOTrainer takes
+    the reference from the policy with its adapter disabled, as we do, but loads the value model and the
+    reward model as their own 4-bit copies, three in all. Both are sequence classifiers: no lm_head."""
+    frozen = _weights(config, arch, lm_head=False)
     frozen.pop("dequant_buffer", None)
-    return 3 * sum(frozen.values())
+    return 2 * sum(frozen.values())
 
 
 def summary(config: Config, arch: Architecture, budget_gib: float = 24.0, device: str = "cuda") -> dict:
@@ -361,7 +362,7 @@ def format_table(result: dict) -> str:
     lines.append("-" * len(lines[2]))
     lines.append(f"{'peak (sum)':<28}" + "".join(f"{s['peak_memory_gib']:>10.2f}" for s in result["stages"].values()))
     lines.append(f"{'fits':<28}" + "".join(f"{'yes' if s['fits'] else 'NO':>10}" for s in result["stages"].values()))
-    lines.append(f"PPO with separate reference/reward/value copies would need "
+    lines.append(f"PPO with separate value and reward model copies (TRL's layout) would need "
                  f"{result['ppo_separate_models_extra_gib']:.2f} GiB more (one shared base instead).")
     return "\n".join(lines)
 
