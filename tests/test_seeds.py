@@ -120,3 +120,27 @@ def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path
     assert (out / "paper" / "paper.pdf").read_bytes()[:5] == b"%PDF-"
     assert "Across PPO seeds" in (out / "paper" / "text" / "seeds.tex").read_text()
     assert not (paths.paper / "text" / "seeds.tex").exists()  # the run's own paper stays single-seed
+
+
+def test_a_seed_trains_its_own_ppo_and_reuses_the_runs_base_and_sft_evaluation(pipeline):
+    """`ppo --seed N` and `evaluate --seed N` on the tiny pipeline: the seed's own folder, the run's
+    data, SFT and RM, and the run's base and SFT generations, not new ones."""
+    from qlora_rlhf import evaluate, ppo
+    from qlora_rlhf.cli import with_seed
+
+    config, paths, _ = pipeline
+    seed = config.seeds.ppo[0]
+    seed_paths, seed_config = RunPaths.of(config, seed), with_seed(config, seed)
+    ppo.run(seed_config, seed_paths)
+    evaluate.run(seed_config, seed_paths)
+    assert (seed_paths.ppo / "adapter").is_dir() and seed_paths.checkpoints("ppo").is_dir()
+    run_gens = pd.read_csv(paths.eval / "generations.csv")
+    seed_gens = pd.read_csv(seed_paths.eval / "generations.csv")
+    for policy in ("base", "sft"):
+        pd.testing.assert_frame_equal(run_gens[run_gens.policy == policy].reset_index(drop=True),
+                                      seed_gens[seed_gens.policy == policy].reset_index(drop=True))
+    assert not (seed_paths.checkpoints("evaluate") / "sft.jsonl").exists()  # read, not generated
+    run_ppo, seed_ppo = run_gens[run_gens.policy == "ppo"], seed_gens[seed_gens.policy == "ppo"]
+    assert run_ppo["prompt"].tolist() == seed_ppo["prompt"].tolist()
+    assert run_ppo["response"].tolist() != seed_ppo["response"].tolist()  # another PPO run, other samples
+    assert json.loads(seed_paths.stage_metrics("ppo").read_text())["steps"] == config.ppo.steps

@@ -6,7 +6,11 @@ win rate of PPO over SFT under both judges, response length, and sample generati
 Held-out perplexity of the base and SFT models and the reward model's held-out margins were measured
 by the SFT and RM stages on the whole eval split (sft/held_out_perplexity.json,
 rm/held_out_margins.csv); they are read, not recomputed (a fifth of this
-stage's time), and the PPO policy's perplexity is measured here on the same rows, the same way."""
+stage's time), and the PPO policy's perplexity is measured here on the same rows, the same way.
+
+For a seed of the seed study (`--seed`, results/<run>/seeds/<seed>/) only PPO is evaluated: the base
+and SFT policies are the run's own, so their generations are read from the run's evaluation and every
+seed is compared with the same SFT samples."""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from .paths import RunPaths
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
 from .synthetic import gold_score, prompt_category
-from .training import checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
+from .training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
 
 
 def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -117,7 +121,9 @@ def run(config: Config, paths: RunPaths) -> dict:
     ac = ActorCritic.load(config, sft_model, require(paths.rm / "adapter", "rm"),
                           policy_adapter=require(paths.ppo / "adapter", "ppo"), trainable=False)
     tok = ac.tokenizer
-    base = load_model(base_location(paths), config, tok.pad_token_id, kind="causal", trainable=False)
+    evaluated_by_run = paths.main.eval / "generations.csv" if paths.shared_root else None
+    base = None if evaluated_by_run else load_model(base_location(paths), config, tok.pad_token_id, kind="causal",
+                                                    trainable=False)
     split = read_split(paths, "eval")
     held_out = split[: config.eval.num_prompts]
     sample_prompts = [r["prompt"] for r in held_out[: config.eval.num_sample_rows]]
@@ -126,8 +132,17 @@ def run(config: Config, paths: RunPaths) -> dict:
     prompts = [r["prompt"] for r in held_out]
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
     saved = checkpoints_for(paths, "evaluate", _rollout_config(config), _rollout_inputs(paths))
-    generations = pd.DataFrame([row for name, (model, role) in roles.items() for row in cached(
-        saved, name, lambda: rollouts(name, model, role, ac, prompts, config).to_dict("records"))])
+
+    def policy_rows(name: str, model, role) -> list[dict]:
+        if evaluated_by_run and name != "ppo":
+            frame = pd.read_csv(require(evaluated_by_run, "evaluate"))
+            frame = frame[frame["policy"] == name]
+            if frame["prompt"].tolist() != prompts:
+                raise TrainingError(f"{evaluated_by_run} was evaluated on other prompts; re-run the evaluate stage")
+            return frame.to_dict("records")
+        return cached(saved, name, lambda: rollouts(name, model, role, ac, prompts, config).to_dict("records"))
+
+    generations = pd.DataFrame([row for name, (model, role) in roles.items() for row in policy_rows(name, model, role)])
 
     measured_by_sft = read_json(require(paths.sft / HELD_OUT_PERPLEXITY, "sft"))
     perplexity = {"base": measured_by_sft["perplexity_base"], "sft": measured_by_sft["perplexity_sft"],
