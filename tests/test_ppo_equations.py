@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from trl.experimental.ppo import ppo_trainer as trl_ppo
 
+from conftest import REPO
 from qlora_rlhf import ppo
 from qlora_rlhf.actor import response_mask, truncate_after_eos
 from qlora_rlhf.config import PPOConfig
@@ -17,10 +19,11 @@ EOS, PAD = 2, 0
 
 
 def _cfg(**overrides) -> PPOConfig:
-    base = dict(steps=2, batch_size=4, samples_per_prompt=1, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-4,
-                kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-                gamma=1.0, lam=0.95, max_new_tokens=4, temperature=0.7, missing_eos_penalty=1.0, max_kl=20.0, save_steps=1)
-    return PPOConfig(**(base | overrides))
+    """The smoke profile's PPO section with the settings these tests rely on."""
+    smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["ppo"]
+    base = dict(batch_size=4, samples_per_prompt=1, mini_batch_size=4, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2,
+                gamma=1.0, lam=0.95, missing_eos_penalty=1.0)
+    return PPOConfig(**(smoke | base | overrides))
 
 
 # ------------------------------------------------------------------ masks

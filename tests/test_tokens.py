@@ -11,8 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from conftest import REPO
 from qlora_rlhf import ppo
 from qlora_rlhf.actor import ActorCritic
 from qlora_rlhf.config import PPOConfig
@@ -163,10 +165,9 @@ def test_ppo_rollouts_lay_out_query_and_response_as_sft_trained_them(tiny_model_
     nn.init.zeros_(head.weight)
     head.weight.data[0, 0] = 1.0
     ac = ActorCritic(model, nn.Linear(model.hidden, 1, bias=False), head.requires_grad_(False), tok)
-    cfg = PPOConfig(steps=1, batch_size=len(ROWS), samples_per_prompt=1, mini_batch_size=len(ROWS), ppo_epochs=1,
-                    learning_rate=1e-4, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0,
-                    lam=0.95, max_new_tokens=max(map(len, responses)), temperature=0.7, missing_eos_penalty=1.0,
-                    max_kl=20.0, save_steps=1)
+    smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["ppo"]
+    cfg = PPOConfig(**(smoke | dict(batch_size=len(ROWS), samples_per_prompt=1, mini_batch_size=len(ROWS),
+                                    max_new_tokens=max(map(len, responses)))))
     batch = ppo.rollout(ac, prompts, cfg)
 
     assert len(model.calls) == 3  # policy, reference, reward
