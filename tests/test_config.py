@@ -118,7 +118,7 @@ def test_missing_keys_are_all_reported(tmp_path, write_params):
         ({"ppo.batch_size": 6, "ppo.mini_batch_size": 2, "ppo.samples_per_prompt": 4},
          "ppo.batch_size=6 must be a multiple of ppo.samples_per_prompt=4"),
         ({"data.max_prompt_tokens": 128}, "data.max_prompt_tokens=128 must be smaller than data.max_length=128"),
-        ({"figures.kl_band_low": 0.5}, "figures.kl_band_low=0.5 must be smaller than figures.kl_band_high=0.3"),
+        ({"ppo.kl_target_low": 0.5}, "ppo.kl_target_low=0.5 must be smaller than ppo.kl_target_high=0.3"),
         ({"data.sft_size": 300, "data.rm_size": 200}, "data.sft_size + data.rm_size + data.ppo_size = 516 is larger than "
                                                       "data.synthetic_train_rows=400"),
         ({"data.eval_size": 101, "eval.num_prompts": 8}, "data.eval_size=101 is larger than data.synthetic_test_rows=100"),

@@ -217,7 +217,7 @@ def _set_param(root: Path, section: str, key: str, value: float) -> None:
 
 
 RERUN_AFTER_KL_COEF = {"ppo", "evaluate", "figures", "paper"}
-RERUN_AFTER_KL_BAND = {"figures", "paper"}  # drawing only: PPO's fixed kl_coef does not read it
+RERUN_AFTER_KL_BAND = RERUN_AFTER_KL_COEF  # adaptive control steers to it, and the figures shade it
 SEEDS_AFTER_KL_COEF = {n for n in SEED_STUDY if "@" in n} | {"seeds"}  # every seed's PPO and evaluation
 
 
@@ -233,8 +233,7 @@ def _front_door(door: str, root: Path, env: dict) -> dict:
 @pytest.mark.parametrize("door", ["smk", "dvc"])
 def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path, door):
     """Each front door runs every stage of the run once, nothing on a second call, after a change of
-    ppo.kl_coef exactly ppo and what follows it, and after a change of the figures' KL band only
-    figures and paper; its seed-study target then runs each seed's PPO and evaluation and the report,
+    ppo.kl_coef or of the KL target band exactly ppo and what follows it; its seed-study target then runs each seed's PPO and evaluation and the report,
     and after another kl_coef change all of them again (stand-in stage commands; seconds)."""
     root = tmp_path / door
     env = _fake_project(root, scratch)
@@ -248,7 +247,7 @@ def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path,
     assert run("paper") == set()
     _set_param(root, "ppo", "kl_coef", 0.321)
     assert run("paper") == RERUN_AFTER_KL_COEF
-    _set_param(root, "figures", "kl_band_high", 0.5)
+    _set_param(root, "ppo", "kl_target_high", 0.5)
     assert run("paper") == RERUN_AFTER_KL_BAND
     assert run("seeds") == SEED_STUDY
     assert run("seeds") == set()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -104,7 +105,8 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
 
 def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp_path, tiny_model_dir):
     """Two PPO steps, then the same run lengthened to three (it resumes from step 2), against three
-    steps straight: the same policy adapter and value head, bit for bit."""
+    steps straight: the same policy adapter and value head, bit for bit. Adaptive KL control with a short
+    horizon, so that a resume that lost the coefficient would train step 3 with another penalty."""
     import torch
     from safetensors.torch import load_file
 
@@ -113,7 +115,9 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
     from qlora_rlhf.paths import RunPaths
 
     _, paths, _ = pipeline
-    configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n})) for n in (2, 3)}
+    adaptive = {"ppo.kl_control": "adaptive", "ppo.kl_horizon": 2}
+    configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n}, **adaptive))
+               for n in (2, 3)}
     run = RunPaths.of(configs[3])
     _copy_inputs(paths, run.root, "ppo")
 
@@ -121,13 +125,15 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
         return load_file(run.ppo / "adapter" / "adapter_model.safetensors") | torch.load(run.ppo / "value_head.pt")
 
     ppo.run(configs[3], run)
-    straight = outputs()
+    straight, coefs = outputs(), pd.read_csv(run.metrics / "ppo_history.csv")["kl_coef"].tolist()
+    assert coefs[0] == configs[3].ppo.kl_coef and len(set(coefs)) == 3  # steered after every step
     shutil.rmtree(run.checkpoints("ppo"))
     ppo.run(configs[2], run)
     ppo.run(configs[3], run)
     assert [row["step"] for row in read_jsonl(run.checkpoints("ppo") / "seconds.jsonl")] == [1, 2, 3]
     resumed = outputs()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert pd.read_csv(run.metrics / "ppo_history.csv")["kl_coef"].tolist() == coefs
 
 
 def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):

@@ -45,7 +45,8 @@ def test_paper_profile_matches_the_design_note():
     assert set(c.model.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert c.data.source == "hub:Anthropic/hh-rlhf"
     assert (c.data.sft_size, c.data.rm_size, c.data.ppo_size, c.data.max_length) == (20000, 50000, 20000, 512)
-    assert c.ppo.steps == 1000 and (c.figures.kl_band_low, c.figures.kl_band_high) == (0.1, 0.3)
+    assert c.ppo.steps == 1000 and (c.ppo.kl_target_low, c.ppo.kl_target_high) == (0.1, 0.3)
+    assert c.ppo.kl_control == "adaptive"  # as TRL's classic PPOTrainer ran it
     # about one epoch of SFT and RM data
     for train, size in ((c.sft, c.data.sft_size), (c.rm, c.data.rm_size)):
         epochs = train.max_steps * train.batch_size * train.gradient_accumulation_steps / size

@@ -73,11 +73,13 @@ def test_train_loss_ends_skip_a_closing_log_without_loss():
 def test_ppo_history_has_every_metric_and_finite_values(pipeline):
     config, paths, results = pipeline
     history = pd.read_csv(paths.metrics / "ppo_history.csv")
-    expected = {"reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "eos_fraction"}
+    expected = {"reward_mean", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length",
+                "eos_fraction"}
     assert expected <= set(history.columns)
     assert len(history) == config.ppo.steps
     assert history[sorted(expected)].map(math.isfinite).all().all()
     assert history["kl"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: the policy is the SFT model
+    assert (history["kl_coef"] == config.ppo.kl_coef).all()  # the smoke profile's control is fixed
     assert (paths.ppo / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -104,7 +104,12 @@ class PPOConfig(_Section):
     mini_batch_size: int = Field(ge=1)
     ppo_epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0.0, lt=1.0)
-    kl_coef: float = Field(ge=0.0)
+    kl_coef: float = Field(ge=0.0, description="the KL penalty's coefficient; with adaptive control, its first value")
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        description="adaptive: steer the coefficient towards the middle of the target band (Ziegler et al. 2019)")
+    kl_target_low: float = Field(ge=0.0, description="the healthy range of KL to SFT (nats per response) ...")
+    kl_target_high: float = Field(gt=0.0, description="... that adaptive control aims at and the figures shade")
+    kl_horizon: int = Field(ge=1, description="adaptive control: episodes over which it closes a gap (TRL's horizon)")
     cliprange: float = Field(gt=0.0, lt=1.0)
     cliprange_value: float = Field(gt=0.0)
     vf_coef: float = Field(ge=0.0)
@@ -121,23 +126,12 @@ class PPOConfig(_Section):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
                              f"ppo.mini_batch_size={self.mini_batch_size}")
+        if self.kl_target_low >= self.kl_target_high:
+            raise ValueError(f"ppo.kl_target_low={self.kl_target_low} must be smaller than "
+                             f"ppo.kl_target_high={self.kl_target_high}")
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"ppo.batch_size={self.batch_size} must be a multiple of "
                              f"ppo.samples_per_prompt={self.samples_per_prompt}")
-        return self
-
-
-class FiguresConfig(_Section):
-    """Drawing only: changing it re-runs the figures and the paper, not PPO."""
-
-    kl_band_low: float = Field(ge=0.0, description="shaded KL range in the reward-vs-KL figure (nats)")
-    kl_band_high: float = Field(gt=0.0)
-
-    @model_validator(mode="after")
-    def _band(self) -> FiguresConfig:
-        if self.kl_band_low >= self.kl_band_high:
-            raise ValueError(f"figures.kl_band_low={self.kl_band_low} must be smaller than "
-                             f"figures.kl_band_high={self.kl_band_high}")
         return self
 
 
@@ -172,7 +166,6 @@ class Config(_Section):
     rm: TrainConfig
     ppo: PPOConfig
     eval: EvalConfig
-    figures: FiguresConfig
     seeds: SeedsConfig
 
     @model_validator(mode="after")

@@ -104,8 +104,8 @@ def _reward_vs_kl(plt, ppo: pd.DataFrame, config: Config | None):
     data = ppo[["step", "kl", "reward_mean"]].dropna()
     fig, ax = plt.subplots(figsize=(HALF_WIDTH + 0.6, 2.8), constrained_layout=True)
     if config is not None:
-        ax.axvspan(config.figures.kl_band_low, config.figures.kl_band_high, color=COLORS["kl"], alpha=0.12,
-                   label="healthy KL range")
+        ax.axvspan(config.ppo.kl_target_low, config.ppo.kl_target_high, color=COLORS["kl"], alpha=0.12,
+                   label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
     ax.plot(data["kl"], data["reward_mean"], color="lightgrey", linewidth=0.8, zorder=1)
     points = ax.scatter(data["kl"], data["reward_mean"], c=data["step"], cmap="viridis", s=14, zorder=2)
     fig.colorbar(points, ax=ax, label="PPO step")
@@ -174,8 +174,12 @@ def _response_lengths(plt, sns, generations: pd.DataFrame, ppo: pd.DataFrame):
 def _ppo_diagnostics(plt, ppo: pd.DataFrame):
     panels = [("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped fraction"),
               ("value_loss", "value loss"), ("policy_loss", "policy loss"),
-              ("eos_fraction", "fraction ending with EOS"), ("kl", "KL to SFT (nats)")]
-    fig, axes = plt.subplots(2, 3, figsize=(FULL_WIDTH, 4.2), constrained_layout=True, sharex=True)
+              ("eos_fraction", "fraction ending with EOS"), ("kl", "KL to SFT (nats)"),
+              ("kl_coef", "KL coefficient")]
+    panels = [(column, label) for column, label in panels if column in ppo.columns]
+    fig, axes = plt.subplots(2, (len(panels) + 1) // 2, figsize=(FULL_WIDTH, 4.2), constrained_layout=True, sharex=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (column, label) in zip(axes.flat, panels):
         series = _series(ppo, column)
         ax.plot(series["step"], series[column], color=COLORS["ppo"], marker="o", markersize=2)

@@ -235,6 +235,7 @@ def setup_table(macros: dict[str, Macro]) -> str:
         ("PPO steps / batch / mini-batch / epochs", r"\CfgPpoSteps{} / \CfgPpoBatchSize{} / \CfgPpoMiniBatchSize{} / \CfgPpoPpoEpochs"),
         ("PPO samples per prompt", r"\CfgPpoSamplesPerPrompt"),
         ("PPO learning rate / KL coefficient", r"\CfgPpoLearningRate{} / \CfgPpoKlCoef"),
+        ("PPO KL control / target (nats) / horizon", r"\CfgPpoKlControl{} / \CfgPpoKlTargetLow--\CfgPpoKlTargetHigh{} / \CfgPpoKlHorizon"),
         ("PPO clip range (policy / value)", r"\CfgPpoCliprange{} / \CfgPpoCliprangeValue"),
         ("PPO max new tokens / temperature", r"\CfgPpoMaxNewTokens{} / \CfgPpoTemperature"),
         ("Seed", r"\CfgRunSeed"),

@@ -6,7 +6,8 @@ Per step: sample responses for a batch of prompts; score them with the frozen re
 (minus a penalty when no EOS was generated); with `samples_per_prompt` k > 1, each prompt is
 sampled k times and its scores are centered on the mean of its other samples (RLOO's baseline),
 so that how hard a prompt is no longer drowns the signal of how good a response is; per-token
-reward = -kl_coef · (log π − log π_ref), plus the score on the last token; GAE advantages
+reward = -kl_coef · (log π − log π_ref), plus the score on the last token (kl_coef fixed, or steered
+after each step towards the target band's middle by `KLController`); GAE advantages
 (whitened); then `ppo_epochs` passes of the clipped policy loss + vf_coef · clipped value loss
 over mini-batches. Padding is found by position (everything after the first EOS), never by token id,
 and padded positions are selected out before any arithmetic. docs/ppo.md lists where this loop departs
@@ -126,6 +127,25 @@ def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     return 0.5 * masked_mean(torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
 
 
+class KLController:
+    """The KL penalty's coefficient. Fixed, or adaptive as in Ziegler et al. (2019) and TRL's classic
+    AdaptiveKLController: after each step, multiply it by 1 + e * n / horizon, with e the step's KL
+    relative to the target, minus 1, clipped to +-0.2, and n the step's episodes. The target is the
+    middle of [kl_target_low, kl_target_high], the band the figures shade."""
+
+    def __init__(self, cfg: PPOConfig, value: float | None = None):
+        self.cfg, self.value = cfg, cfg.kl_coef if value is None else value
+
+    @property
+    def target(self) -> float:
+        return (self.cfg.kl_target_low + self.cfg.kl_target_high) / 2
+
+    def update(self, kl: float, episodes: int) -> None:
+        if self.cfg.kl_control == "adaptive":
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * episodes / self.cfg.kl_horizon
+
+
 def make_optimizer(config: Config, params):
     if config.model.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -134,7 +154,9 @@ def make_optimizer(config: Config, params):
     return torch.optim.AdamW(params, lr=config.ppo.learning_rate)
 
 
-def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, torch.Tensor]:
+def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig, kl_coef: float | None = None) -> dict[str, torch.Tensor]:
+    """Sample, score and compute advantages for one step; kl_coef: the controller's value (default ppo.kl_coef)."""
+    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
     tok = ac.tokenizer
     query, query_mask, response = ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
     resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
@@ -149,7 +171,7 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig) -> dict[str, to
         ref_logprobs = token_logprobs(ref_logits[:, :-1], response, cfg.temperature)
         scores = ac.reward(ids, mask)
     has_eos = (response == tok.eos_token_id).any(1)
-    rewards, kl_tokens = token_rewards(logprobs, ref_logprobs, sequence_scores(scores, has_eos, cfg), resp_mask, cfg.kl_coef)
+    rewards, kl_tokens = token_rewards(logprobs, ref_logprobs, sequence_scores(scores, has_eos, cfg), resp_mask, kl_coef)
     advantages, returns = advantages_and_returns(rewards, values, resp_mask, cfg.gamma, cfg.lam)
     return dict(ids=ids, mask=mask, response=response, resp_mask=resp_mask.float(), logprobs=logprobs,
                 values=values, returns=returns, advantages=advantages,
@@ -198,11 +220,11 @@ def save_policy(ac: ActorCritic, out: Path) -> None:
     torch.save(ac.value_head.state_dict(), out / "value_head.pt")
 
 
-def save_checkpoint(ac: ActorCritic, optimizer, step: int, root: Path) -> None:
+def save_checkpoint(ac: ActorCritic, optimizer, kl: KLController, step: int, root: Path) -> None:
     with atomic_dir(root / f"step-{step:06d}") as out:
         save_policy(ac, out)
         torch.save(optimizer.state_dict(), out / "optimizer.pt")
-        write_json(out / "state.json", {"step": step})
+        write_json(out / "state.json", {"step": step, "kl_coef": kl.value})
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -217,20 +239,21 @@ def run(config: Config, paths: RunPaths) -> dict:
     resume = latest_checkpoint(root)
     ac = ActorCritic.load(config, sft_model, rm_adapter, policy_adapter=resume / "adapter" if resume else None)
     optimizer = make_optimizer(config, ac.policy_parameters())
-    start = 0
+    start, kl = 0, KLController(cfg)
     if resume:
         ac.value_head.load_state_dict(torch.load(resume / "value_head.pt"))
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
-        start = read_json(resume / "state.json")["step"]
+        state = read_json(resume / "state.json")
+        start, kl = state["step"], KLController(cfg, state.get("kl_coef"))
         print(f"ppo: resuming from {resume} (step {start})")
     history = History(paths, "ppo")
     with Timer(root, start) as timer:
         for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
-            batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
+            batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg, kl.value)
             losses = update(ac, optimizer, batch, cfg)
             metrics = losses | {
-                "reward_mean": batch["scores"].mean().item(), "kl": batch["kl"].mean().item(),
+                "reward_mean": batch["scores"].mean().item(), "kl": batch["kl"].mean().item(), "kl_coef": kl.value,
                 "response_length": batch["resp_mask"].sum(1).mean().item(),
                 "eos_fraction": batch["has_eos"].float().mean().item(),
             }
@@ -239,15 +262,17 @@ def run(config: Config, paths: RunPaths) -> dict:
                 raise TrainingError(f"step {step}: KL to the reference {metrics['kl']:.2f} exceeds ppo.max_kl="
                                     f"{cfg.max_kl}; stopped, the last good checkpoint is kept in {root}")
             history.log(step, metrics)
+            kl.update(metrics["kl"], cfg.batch_size)
             timer.step_done(step)
             if step % cfg.save_steps == 0 or step == cfg.steps:
-                save_checkpoint(ac, optimizer, step, root)
+                save_checkpoint(ac, optimizer, kl, step, root)
     with atomic_dir(paths.ppo) as out:
         save_policy(ac, out)
     curve = history.write_csv(paths.metrics / "ppo_history.csv")
     summary = {
         "reward_mean_first": float(curve["reward_mean"].iloc[0]), "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
-        "kl_last": float(curve["kl"].iloc[-1]), "steps": cfg.steps, "seconds": round(timer.seconds, 1),
+        "kl_last": float(curve["kl"].iloc[-1]), "kl_coef_last": float(curve["kl_coef"].iloc[-1]),
+        "steps": cfg.steps, "seconds": round(timer.seconds, 1),
     }
     write_metrics(paths, "ppo", summary, config)
     print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, KL {summary['kl_last']:.3f}")
