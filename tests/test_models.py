@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from qlora_rlhf import precision
 from qlora_rlhf.config import EMBEDDED_MODEL, load_config
 from qlora_rlhf.models import (ModelError, base_location, embedded_gguf, fix_pad_token, load_model, load_tokenizer,
                                lora_config, run_base)
@@ -179,7 +180,7 @@ def test_full_precision_lora_forward_backward(write_params, tiny_model_dir):
     assert math.isfinite(loss.item())
     assert any(g.abs().sum() > 0 for g in lora_grads)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == precision.of(config).torch_dtype  # auto: per CPU
 
 
 def test_the_vocabulary_projection_gets_contiguous_hidden_states(write_params, tiny_model_dir):

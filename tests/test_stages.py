@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_rlhf import ppo, synthetic
+from qlora_rlhf import ppo, precision, synthetic
 from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
@@ -60,7 +60,9 @@ def test_the_shared_base_reward_scores_as_the_reward_model_stage(pipeline):
 
     stored = pd.read_csv(paths.rm / HELD_OUT_MARGINS)
     assert len(stored) == len(pairs) and stored["correct"].tolist() == (stored["margin"] > 0).tolist()
-    np.testing.assert_allclose(score("chosen") - score("rejected"), stored["margin"], atol=1e-4)
+    # the two paths round differently in bf16 (auto picks it on a CPU with native bf16): one bf16 step apart
+    tolerance = {"atol": 1e-4} if precision.of(config).dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
+    np.testing.assert_allclose(score("chosen") - score("rejected"), stored["margin"], **tolerance)
 
 
 def test_train_loss_ends_skip_a_closing_log_without_loss():
