@@ -131,12 +131,15 @@ def fmt(value: float, digits: int = 3) -> str:
 
 def latex_table(table: pd.DataFrame, summary: dict) -> str:
     judges = [j for j in JUDGES if f"{j}_gain" in table]
-    head = ["Seed"] + [f"{name} ({JUDGES[j]})" for j in judges for name in ("SFT", "PPO", "gain [95\\%]", "win")] + ["KL"]
+    groups = " & ".join(f"\\multicolumn{{4}}{{c}}{{{JUDGES[j].capitalize()}}}" for j in judges)
+    rules = "".join(f"\\cmidrule(lr){{{2 + 4 * i}-{5 + 4 * i}}}" for i in range(len(judges)))
+    head = ["Seed"] + ["SFT", "PPO", "gain [95\\%]", "win"] * len(judges) + ["KL"]
     lines = [r"\begin{table*}[ht]", r"  \centering\small",
              r"  \caption{PPO against SFT with each PPO seed (same data, SFT and reward model; SFT evaluated once). "
              r"Gain intervals: paired bootstrap over prompts. Last row: mean over seeds with its 95\% $t$ interval.}",
-             r"  \label{tab:seeds}", r"  \begin{tabular}{@{}l" + "rrrr" * len(judges) + r"r@{}}", r"    \toprule",
-             "    " + " & ".join(head) + r" \\", r"    \midrule"]
+             r"  \label{tab:seeds}", r"  \resizebox{\textwidth}{!}{%",
+             r"  \begin{tabular}{@{}l" + "rrrr" * len(judges) + r"r@{}}", r"    \toprule",
+             f"    & {groups} & \\\\ {rules}", "    " + " & ".join(head) + r" \\", r"    \midrule"]
     for row in table.to_dict("records"):
         cells = [str(row["seed"])]
         for j in judges:
@@ -149,7 +152,7 @@ def latex_table(table: pd.DataFrame, summary: dict) -> str:
         cells += ["", "", f"{fmt(summary[f'{j}_gain_mean'])} [{fmt(summary[f'{j}_gain_ci_low'])}, "
                           f"{fmt(summary[f'{j}_gain_ci_high'])}]", ""]
     lines += [r"    \midrule", "    " + " & ".join(cells + [fmt(summary["kl_to_sft_mean"], 2)]) + r" \\",
-              r"    \bottomrule", r"  \end{tabular}", r"\end{table*}", ""]
+              r"    \bottomrule", r"  \end{tabular}}", r"\end{table*}", ""]
     return "\n".join(lines)
 
 
