@@ -1,4 +1,5 @@
-"""Overhead of each training stage over a bare script with identical settings: the stage's own
+"""Overhead of each training stage over a bare script with identical settings (not over TRL's own
+PPOTrainer, which needs separate 4-bit models and so is not the same run): the stage's own
 run() (qlora_rlhf.sft / reward / ppo) against
 - SFT: a bare TRL SFTTrainer script, RM: a bare TRL RewardTrainer script, each with the stage's
   model (load_model: NF4 + LoRA), data split, TrainingArguments (training.trainer_args), seed and
@@ -15,8 +16,8 @@ script's), the whole run (run() against the whole bare script, model loading inc
 whole run extrapolated to the params' step count (fixed + per-step costs, approximate); plus a
 breakdown of the stage's extra work (held-out evaluation, merge, DVCLive set-up, checkpoints).
 
-    python benchmarks/overhead_vs_trl.py --steps 3                 # params.yaml's embedded default
-    python benchmarks/overhead_vs_trl.py --tiny --steps 2 --out overhead_vs_trl-smoke
+    python benchmarks/overhead_vs_bare.py --steps 3                 # params.yaml's embedded default
+    python benchmarks/overhead_vs_bare.py --tiny --steps 2 --out overhead_vs_bare-smoke
 """
 
 from __future__ import annotations
@@ -257,6 +258,10 @@ def ratios(stage_runs: list[dict], bare_runs: list[dict], steps: int, full_steps
     return out
 
 
+BASELINES = {"sft": "a bare TRL SFTTrainer script", "rm": "a bare TRL RewardTrainer script",
+             "ppo": "a bare loop of the same PPO equations (not TRL's PPOTrainer)"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -265,7 +270,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="stage/bare pairs per stage (medians reported)")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--keep", help="keep the scratch runs in this folder")
-    parser.add_argument("--out", default="overhead_vs_trl")
+    parser.add_argument("--out", default="overhead_vs_bare")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
 
@@ -278,9 +283,9 @@ def main() -> None:
         config = with_overrides(config, model={"name_or_path": str(model_dir(config, None, True))})
     full = {"sft": params.sft.max_steps, "rm": params.rm.max_steps, "ppo": params.ppo.steps}
     dump = config.model_dump(mode="json")
-    results = {"params": args.params, "model": config.model.name_or_path, "steps": args.steps,
+    results = {"baselines": BASELINES, "params": args.params, "model": config.model.name_or_path, "steps": args.steps,
                "repeats": args.repeats, "load_average_start": load_average(), "stages": {}}
-    tmp = Path(args.keep or tempfile.mkdtemp(prefix="overhead-vs-trl-"))
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="overhead-vs-bare-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         shared = prepare(config, tmp, reuse=not args.tiny)

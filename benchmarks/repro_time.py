@@ -1,0 +1,117 @@
+"""Wall time of the embedded default's whole DAG, per stage, with the CPU it ran on and the compute
+dtype `auto` chose there: a fresh `git clone` of HEAD, then `dvc repro paper` in it (what `make run`
+runs; the seed study is another target), setup excluded (the clone uses this interpreter's
+environment, with PYTHONPATH on the clone's own src/).
+
+    python benchmarks/repro_time.py                      # this CPU as it is
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
+        python benchmarks/repro_time.py                  # a CPU with native bf16 capped to AVX2 (an approximation)
+
+Writes benchmarks/results/repro_time-<cpu kind>.json: the total in seconds at the top level, each
+stage's seconds (from dvc's "Running stage" lines to the next), the learning results that the
+training-stages issue asks to keep, and the machine. A timing is only meaningful on an otherwise
+idle machine: the JSON records the load average before and after."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, load_average, write
+
+from qlora_rlhf import precision
+
+CAPPING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_kind() -> str:
+    """amx_bf16+avx512_bf16, avx2, ...; '-capped' when an environment variable holds torch below the CPU."""
+    native, _ = precision.cpu_native_bf16()
+    flags = sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags())
+    import torch
+
+    kind = "+".join(flags) if native else torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+    return kind + ("-capped" if flags and not native else "")
+
+
+def timed_repro(clone: Path, env: dict) -> tuple[float, dict[str, float], str]:
+    """Runs `dvc repro paper` in the clone, timing each stage from its "Running stage" line to the next."""
+    marks: list[tuple[str, float]] = []
+    log = []
+    start = time.perf_counter()
+    with subprocess.Popen(["dvc", "repro", "paper"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            log.append(line)
+            sys.stdout.write(line)
+            if line.startswith("Running stage '"):
+                marks.append((line.split("'")[1], time.perf_counter()))
+    total = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"dvc repro paper failed (exit {proc.returncode}); last lines:\n{''.join(log[-20:])}")
+    ends = [t for _, t in marks[1:]] + [start + total]
+    return total, {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}, "".join(log)
+
+
+def learning_results(run: Path) -> dict:
+    """What the training-stages issue asks to keep in either precision, read from the run's metrics."""
+    import json
+
+    read = {stage: json.loads((run / "metrics" / f"{stage}.json").read_text()) for stage in ("sft", "rm", "ppo", "eval")}
+    ev = read["eval"]
+    return {
+        "sft_perplexity_base": read["sft"]["perplexity_base"], "sft_perplexity_sft": read["sft"]["perplexity_sft"],
+        "rm_accuracy": read["rm"]["accuracy"],
+        "sft_reward_mean": ev.get("sft_reward_mean"), "ppo_reward_mean": ev.get("ppo_reward_mean"),
+        "sft_gold_mean": ev.get("sft_gold_mean"), "ppo_gold_mean": ev.get("ppo_gold_mean"),
+        "ppo_kl_to_sft": ev.get("ppo_kl_to_sft"),
+        "compute_dtype": {stage: read[stage].get("compute_dtype") for stage in read},
+        "training_loop_seconds": {stage: read[stage].get("seconds") for stage in ("sft", "rm", "ppo")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the clone (printed) instead of deleting it")
+    args = parser.parse_args()
+
+    kind = cpu_kind()
+    chosen = precision.resolve("auto", "cpu")
+    clone = Path(tempfile.mkdtemp(prefix="repro-time-")) / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True, text=True).stdout.strip()
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        "PYTHONPATH": str(clone / "src")}
+    load_before = load_average()
+    try:
+        total, stages, _ = timed_repro(clone, env)
+        learning = learning_results(clone / "results" / "smollm2-synthetic")
+    finally:
+        if args.keep:
+            print(f"clone kept in {clone}")
+        else:
+            shutil.rmtree(clone.parent, ignore_errors=True)
+    result = {
+        "total_seconds": round(total, 1),
+        "command": "dvc repro paper, i.e. make run (fresh git clone of HEAD, setup excluded)",
+        "commit": commit,
+        "stages_seconds": stages,
+        "compute_dtype": chosen.dtype, "compute_dtype_reason": chosen.reason,
+        "learning": learning,
+        "cpu": {"kind": kind, "model": precision.cpu_model(),
+                "native_bf16_flags": sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags()),
+                "capping_env": {k: os.environ[k] for k in CAPPING_ENV if k in os.environ},
+                "load_average_before": load_before, "load_average_after": load_average()},
+    }
+    write(f"repro_time-{kind}", result)
+    print(f"dvc repro paper: {total:.0f} s in {chosen.dtype} on {kind} ({precision.cpu_model()})")
+
+
+if __name__ == "__main__":
+    main()
