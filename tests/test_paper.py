@@ -138,6 +138,10 @@ def test_pdf_builds_on_fake_results(results, params, tmp_path):
     assert (out / "paper.pdf").read_bytes()[:5] == b"%PDF-"
     assert (out / "paper.pdf").stat().st_size > 50_000
     assert (out / "macros.tex").is_file()
+    summary = (out / "summary.md").read_text()
+    sft = json.loads((results / "metrics" / "sft.json").read_text())
+    assert f"{sft['perplexity_base']:.2f} (base) -> {sft['perplexity_sft']:.2f} (SFT)" in summary
+    assert "gold-judge score" in summary and "nan" not in summary.lower()
     for table in ("setup", "training", "summary", "winrate", "samples"):
         assert (out / "tables" / f"{table}.tex").is_file()
     assert not list(out.glob("*.aux"))

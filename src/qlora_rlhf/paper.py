@@ -375,6 +375,35 @@ def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
     return pdf
 
 
+def results_summary(metrics: Path, run_name: str) -> str:
+    """summary.md: the run's headline numbers in plain text beside the PDF, read from metrics/*.json."""
+    read = {stage: json.loads((metrics / f"{stage}.json").read_text()) for stage in METRIC_FILES}
+    sft, rm, ppo, ev = (read[s] for s in METRIC_FILES)
+
+    def num(value, digits=3):
+        return "--" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"# {run_name}: results summary", "",
+             "Written by `qlora-rlhf paper` from this run's `metrics/*.json`; `paper.pdf` has the tables, intervals "
+             "and figures.", "",
+             f"- Compute dtype: {sft.get('compute_dtype', '--')}",
+             f"- SFT held-out perplexity: {num(sft['perplexity_base'], 2)} (base) -> {num(sft['perplexity_sft'], 2)} (SFT)",
+             f"- Reward model held-out pairwise accuracy: {num(rm['accuracy'])} on {rm.get('eval_pairs', '--')} pairs",
+             f"- Mean reward-model score on {ev.get('eval_prompts', '--')} held-out prompts: SFT "
+             f"{num(ev.get('sft_reward_mean'))}, PPO {num(ev.get('ppo_reward_mean'))}; PPO's win rate over SFT "
+             f"{num(ev.get('winrate_rm'))}"]
+    if ev.get("ppo_gold_mean") is not None:
+        lines.append(f"- Mean gold-judge score: SFT {num(ev.get('sft_gold_mean'))}, PPO {num(ev.get('ppo_gold_mean'))}; "
+                     f"PPO's win rate over SFT {num(ev.get('winrate_gold'))}")
+    else:
+        lines.append("- No gold judge for these prompts: the reward model's score is not a measure of quality")
+    lines += [f"- KL(PPO || SFT) on held-out samples: {num(ev.get('ppo_kl_to_sft'))} nats",
+              f"- Training time: SFT {num(sft.get('seconds'), 0)} s, RM {num(rm.get('seconds'), 0)} s, "
+              f"PPO {num(ppo.get('seconds'), 0)} s", "",
+              "One PPO run is one sample of PPO's outcome: `dvc repro seeds` measures the spread over seeds.", ""]
+    return "\n".join(lines)
+
+
 def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params: dict,
                 sources: Path = PAPER_SOURCES, samples: int = 6, pdf: bool = True) -> dict[str, Macro]:
     """Fill `out` (an existing, empty folder) with the paper; returns the macros it defined."""
@@ -389,6 +418,7 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
         if item.is_file() and not item.name.startswith(".") and item.suffix in {".tex", ".bib", ".sty", ".cls"}:
             shutil.copy2(item, out / item.name)
     (out / "macros.tex").write_text(render_macros(macros))
+    (out / "summary.md").write_text(results_summary(metrics, params.get("run", {}).get("name", "run")))
     tables = out / "tables"
     tables.mkdir()
     policies = [p for p in POLICIES if f"ResSummary{camel(p)}RewardMean" in macros]
