@@ -26,7 +26,7 @@ DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", 
 def _project(root: Path, model_dir: Path) -> Path:
     for name in ("dvc.yaml", "Snakefile"):
         shutil.copy(REPO / name, root / name)
-    for name in ("workflow", "paper", "src"):
+    for name in ("workflow", "paper", "src", "data"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(model_dir, "results")))
     env = _env()

@@ -136,7 +136,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     def policy_rows(name: str, model, role) -> list[dict]:
         if evaluated_by_run and name != "ppo":
             frame = pd.read_csv(require(evaluated_by_run, "evaluate"))
-            frame = frame[frame["policy"] == name]
+            frame = frame[frame["policy"] == name].assign(response=lambda f: f["response"].fillna(""))  # "" reads as NaN
             if frame["prompt"].tolist() != prompts:
                 raise TrainingError(f"{evaluated_by_run} was evaluated on other prompts; re-run the evaluate stage")
             return frame.to_dict("records")
