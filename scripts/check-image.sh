@@ -158,7 +158,8 @@ build_image() {
   while read -r dir; do [ -n "$dir" ] && volumes+=(--volume "$dir:$dir:ro"); done <"$work/pip/mounts"
   # --format docker: keeps SHELL (bash with pipefail), as Docker does; OCI images drop it.
   # --layers: a rerun after a fix reuses the unchanged steps (apt, the locked stack).
-  nice -n 10 buildah bud --isolation chroot --format docker --layers --pull-never \
+  # --force-rm: a failed build leaves no working container behind (it pins its layers on disk).
+  nice -n 10 buildah bud --isolation chroot --format docker --layers --force-rm --pull-never \
     --build-arg "BASE_IMAGE=$base_tag" --build-arg PIP_CONFIG_FILE=/run/check-image-pip/pip.conf \
     "${volumes[@]}" -t "$image_tag" "$work/context"
 }
