@@ -47,23 +47,14 @@ def default_peak_tflops() -> float | None:
 
 
 def tiny_model_dir(out: Path) -> Path:
-    """A 2-layer random Llama with the embedded model's tokenizer: for smoke runs of the scripts."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """The tests' tiny random Llama (qlora_rlhf.tiny) with the embedded model's tokenizer: for smoke runs."""
     from qlora_rlhf.config import EMBEDDED_MODEL
     from qlora_rlhf.models import load_tokenizer
+    from qlora_rlhf.tiny import save_tiny_llama
 
     if (out / "config.json").is_file():
         return out
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(out, load_tokenizer(EMBEDDED_MODEL))
 
 
 LLAMA2_7B_DIR = Path(tempfile.gettempdir()) / "qlora-rlhf-llama2-7b-random"

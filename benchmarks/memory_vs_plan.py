@@ -3,7 +3,7 @@
 Each stage runs in a fresh process through the code the stage itself uses: the model from
 qlora_rlhf.models.load_model, TRL's SFTTrainer / RewardTrainer with the stage's own
 TrainingArguments (qlora_rlhf.training.trainer_args), and for PPO the project's ActorCritic with
-qlora_rlhf.ppo.rollout (generation + reference/reward/value scoring) and qlora_rlhf.ppo.update.
+qlora_rlhf.stages.ppo.rollout (generation + reference/reward/value scoring) and qlora_rlhf.stages.ppo.update.
 Inputs are the planner's worst case: every sequence exactly data.max_length tokens, every PPO
 prompt data.max_prompt_tokens tokens and every response ppo.max_new_tokens tokens (EOS held back).
 
@@ -133,7 +133,7 @@ def _trainer_step(make_trainer) -> dict:
 
 
 def sft_step(config: dict, path: str, steps: int, work: str) -> dict:
-    """As qlora_rlhf.sft.run trains: SFTTrainer, completion-only loss, LoRA via peft_config."""
+    """As qlora_rlhf.stages.sft.run trains: SFTTrainer, completion-only loss, LoRA via peft_config."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -157,7 +157,7 @@ def sft_step(config: dict, path: str, steps: int, work: str) -> dict:
 
 
 def rm_step(config: dict, path: str, steps: int, work: str) -> dict:
-    """As qlora_rlhf.reward.run trains: RewardTrainer on (chosen, rejected) pairs, LoRA + score head."""
+    """As qlora_rlhf.stages.reward.run trains: RewardTrainer on (chosen, rejected) pairs, LoRA + score head."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -207,9 +207,9 @@ def fixed_length_prompt(tokenizer, length: int) -> str:
 
 
 def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
-    """As qlora_rlhf.ppo.run steps: ActorCritic (one 4-bit base, policy/reference/reward roles),
+    """As qlora_rlhf.stages.ppo.run steps: ActorCritic (one 4-bit base, policy/reference/reward roles),
     rollout (sample, score, GAE) then update (ppo_epochs x mini-batches), each phase's peak."""
-    from qlora_rlhf import ppo
+    from qlora_rlhf.stages import ppo
     from qlora_rlhf.actor import ActorCritic
     from qlora_rlhf.config import Config
 

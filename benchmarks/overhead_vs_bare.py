@@ -1,6 +1,6 @@
 """Overhead of each training stage over a bare script with identical settings (not over TRL's own
 PPOTrainer, which needs separate 4-bit models and so is not the same run): the stage's own
-run() (qlora_rlhf.sft / reward / ppo) against
+run() (qlora_rlhf.stages.sft / reward / ppo) against
 - SFT: a bare TRL SFTTrainer script, RM: a bare TRL RewardTrainer script, each with the stage's
   model (load_model: NF4 + LoRA), data split, TrainingArguments (training.trainer_args), seed and
   LoRA dtype, but no checkpoint, no history/DVCLive, no held-out evaluation, no merge;
@@ -164,7 +164,7 @@ def bare_ppo(dump: dict, root: str) -> dict:
     """PPO's equations in a bare loop on the stage's models, prompts, seeds and optimizer."""
     import torch
 
-    from qlora_rlhf import ppo
+    from qlora_rlhf.stages import ppo
     from qlora_rlhf.actor import ActorCritic, token_logprobs
     from qlora_rlhf.data import read_split
     from qlora_rlhf.training import seed_everything

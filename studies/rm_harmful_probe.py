@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {paths.rm} holds no reward model; run `dvc repro` first", file=sys.stderr)
         return 1
     from qlora_rlhf.actor import ActorCritic
-    from qlora_rlhf.reward import score_texts
+    from qlora_rlhf.stages.reward import score_texts
 
     prompts = [r["prompt"] for r in read_split(paths, "eval") if synthetic.prompt_category(r["prompt"]) == "harmful"]
     prompts = prompts[: args.prompts]

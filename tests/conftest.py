@@ -30,20 +30,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer, 32-wide random Llama saved with the real SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The package's tiny random Llama (qlora_rlhf.tiny) saved with the real SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    from qlora_rlhf.tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def smoke_params(model_dir: Path | str, results_dir: Path | str, **overrides) -> dict:
@@ -79,7 +71,8 @@ def write_params(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory, tiny_model_dir):
     """data -> base -> sft -> rm -> ppo -> evaluate on the tiny model, once per test session."""
-    from qlora_rlhf import data, evaluate, ppo, reward, sft
+    from qlora_rlhf import data
+    from qlora_rlhf.stages import evaluate, ppo, reward, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer, run_base
     from qlora_rlhf.paths import RunPaths

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "workflow"))
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DOCKERFILE = REPO / "Dockerfile"
 SETUP = REPO / "scripts" / "setup.sh"
 

@@ -84,7 +84,7 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
     import torch
     from safetensors.torch import load_file
 
-    from qlora_rlhf import reward, sft
+    from qlora_rlhf.stages import reward, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
 
@@ -110,7 +110,7 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
     import torch
     from safetensors.torch import load_file
 
-    from qlora_rlhf import ppo
+    from qlora_rlhf.stages import ppo
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
 

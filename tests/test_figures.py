@@ -68,7 +68,7 @@ def write_fake_results(root: Path) -> Path:
 
 
 def test_figures_written_as_png_and_pdf(tmp_path):
-    from qlora_rlhf.figures import FIGURES, make_figures
+    from qlora_rlhf.stages.figures import FIGURES, make_figures
 
     results = write_fake_results(tmp_path / "run")
     out = tmp_path / "figures"
@@ -84,7 +84,7 @@ def test_figures_written_as_png_and_pdf(tmp_path):
 
 
 def test_run_writes_atomically_into_results(tmp_path, monkeypatch):
-    from qlora_rlhf import figures
+    from qlora_rlhf.stages import figures
     from qlora_rlhf.paths import RunPaths
 
     paths = RunPaths(tmp_path / "run")

@@ -52,7 +52,7 @@ def test_ppo_on_cuda_starts_at_the_reference_and_updates_finitely(gpu_config, ti
     (ppo_epochs x mini-batches) gives finite losses."""
     from peft import get_peft_model
 
-    from qlora_rlhf import ppo
+    from qlora_rlhf.stages import ppo
     from qlora_rlhf.actor import ActorCritic
     from qlora_rlhf.models import load_model, load_tokenizer, lora_config
 

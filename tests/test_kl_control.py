@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_rlhf.config import Config
-from qlora_rlhf.ppo import KLController
+from qlora_rlhf.stages.ppo import KLController
 
 from conftest import smoke_params
 

@@ -4,7 +4,6 @@ GPU, a huge batch does not, activations scale with batch x sequence, and the CLI
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,8 @@ from qlora_rlhf import memory
 from qlora_rlhf.config import load_config
 from qlora_rlhf.paths import RunPaths
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 LLAMA2_7B = memory.KNOWN_ARCHITECTURES["meta-llama/Llama-2-7b-hf"]
 
 

@@ -17,9 +17,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_figures import write_fake_results  # noqa: E402
 
-from qlora_rlhf import paper  # noqa: E402
+from qlora_rlhf.stages import paper  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SOURCES = REPO / "paper"
 
 
@@ -130,7 +131,7 @@ def test_pdf_builds_on_fake_results(results, params, tmp_path):
 
     config = Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     paths = RunPaths(results)
-    from qlora_rlhf import figures
+    from qlora_rlhf.stages import figures
 
     figures.run(config, paths)
     paper.run(config, paths)

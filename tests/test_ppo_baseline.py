@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_rlhf import ppo
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.config import PPOConfig
 
 

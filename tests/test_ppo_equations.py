@@ -11,7 +11,7 @@ import yaml
 from trl.experimental.ppo import ppo_trainer as trl_ppo
 
 from conftest import REPO
-from qlora_rlhf import ppo
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import response_mask, truncate_after_eos
 from qlora_rlhf.config import PPOConfig
 

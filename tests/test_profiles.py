@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from qlora_rlhf.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 PROFILES = [REPO / "params.yaml"] + sorted(
     p for p in (REPO / "configs").glob("*.yaml") if not p.name.endswith(".expected.yaml"))
 

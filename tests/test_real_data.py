@@ -26,7 +26,8 @@ def real_params(model_dir: Path, results: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_model_dir):
-    from qlora_rlhf import data, evaluate, ppo, reward, sft
+    from qlora_rlhf import data
+    from qlora_rlhf.stages import evaluate, ppo, reward, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer, run_base
     from qlora_rlhf.paths import RunPaths
@@ -80,7 +81,7 @@ def test_the_evaluation_of_real_prompts_has_no_gold_judge_and_no_nan(real_run):
 
 
 def test_figures_and_paper_on_real_results_say_what_is_measured(real_run, tmp_path):
-    from qlora_rlhf import figures, paper
+    from qlora_rlhf.stages import figures, paper
 
     config, paths, _, _ = real_run
     out = tmp_path / "figures"
@@ -106,7 +107,7 @@ def test_figures_and_paper_on_real_results_say_what_is_measured(real_run, tmp_pa
 
 
 def test_an_evaluation_killed_after_one_policy_keeps_its_rollouts_and_reuses_them(real_run, monkeypatch):
-    from qlora_rlhf import evaluate
+    from qlora_rlhf.stages import evaluate
 
     config, paths, _, _ = real_run
     before = pd.read_csv(paths.eval / "generations.csv")

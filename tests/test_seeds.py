@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_rlhf import seeds
+from qlora_rlhf.stages import seeds
 from qlora_rlhf.config import Config
 from qlora_rlhf.errors import PaperError
 from qlora_rlhf.paths import RunPaths
@@ -101,7 +101,7 @@ def test_without_a_gold_judge_only_the_reward_model_is_reported(tmp_path):
 def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path):
     from test_figures import write_fake_results
 
-    from qlora_rlhf import figures, paper
+    from qlora_rlhf.stages import figures, paper
 
     config, paths = study(tmp_path, {1234: 0.3, 1: 0.2, 2: 0.25})
     eval_of_run = paths.eval / "generations.csv"
@@ -125,7 +125,7 @@ def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path
 def test_a_seed_trains_its_own_ppo_and_reuses_the_runs_base_and_sft_evaluation(pipeline):
     """`ppo --seed N` and `evaluate --seed N` on the tiny pipeline: the seed's own folder, the run's
     data, SFT and RM, and the run's base and SFT generations, not new ones."""
-    from qlora_rlhf import evaluate, ppo
+    from qlora_rlhf.stages import evaluate, ppo
     from qlora_rlhf.cli import with_seed
 
     config, paths, _ = pipeline

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_rlhf import ppo, precision, synthetic
+from qlora_rlhf import precision, synthetic
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
-from qlora_rlhf.reward import HELD_OUT_MARGINS, score_texts
-from qlora_rlhf.sft import HELD_OUT_PERPLEXITY
+from qlora_rlhf.stages.reward import HELD_OUT_MARGINS, score_texts
+from qlora_rlhf.stages.sft import HELD_OUT_PERPLEXITY
 from qlora_rlhf.training import TrainingError, train_loss_ends
 
 
@@ -150,7 +151,7 @@ def test_evaluation_tables(pipeline):
     assert list(summary["policy"]) == ["base", "sft", "ppo"]
     assert summary.loc[summary.policy == "sft", "kl_to_sft"].item() == pytest.approx(0.0, abs=1e-6)
     assert {"reward_model", "gold"} == set(pd.read_csv(paths.eval / "winrate.csv")["judge"])
-    for name in ("summary.tex", "winrate.tex", "samples.tex", "generations.csv", "rm_pairs.csv"):
+    for name in ("summary.csv", "winrate.csv", "samples.csv", "generations.csv", "rm_pairs.csv"):
         assert (paths.eval / name).stat().st_size > 0
     eval_metrics = json.loads(paths.stage_metrics("eval").read_text())
     assert eval_metrics["rm_accuracy"] == results["rm"]["accuracy"]  # the RM stage's measurement, read
@@ -167,7 +168,8 @@ def test_gold_by_category_averages_the_generations_per_kind_of_question(pipeline
     assert table["prompts"].sum() == (generations["policy"] == "ppo").sum()
     for (category, policy), gold in generations.groupby(["category", "policy"])["gold"]:
         assert table.loc[category, policy] == pytest.approx(gold.mean())
-    assert (paths.eval / "gold_by_category.tex").stat().st_size > 0
+    assert (paths.eval / "gold_by_category.csv").stat().st_size > 0
+    assert not list(paths.eval.glob("*.tex"))  # the paper stage typesets the tables
 
 
 def test_ppo_guard_stops_on_non_finite_loss_and_keeps_the_last_good_checkpoint(pipeline, monkeypatch):
@@ -206,7 +208,8 @@ def test_sft_history_callback_stops_on_non_finite_loss(pipeline):
 def test_a_second_run_gives_identical_data_hashes_and_metrics(pipeline, tmp_path, tiny_model_dir):
     """Seeds everywhere: on the CPU the whole pipeline is bit-for-bit repeatable (timings aside)."""
     from conftest import smoke_params
-    from qlora_rlhf import data, evaluate, reward, sft
+    from qlora_rlhf import data
+    from qlora_rlhf.stages import evaluate, reward, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer, run_base
     from qlora_rlhf.paths import RunPaths

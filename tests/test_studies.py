@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qlora_rlhf import synthetic
+from qlora_rlhf.hh import ASSISTANT, HUMAN
 
-from qlora_rlhf import synthetic  # noqa: E402
-from qlora_rlhf.config import load_config  # noqa: E402
-from qlora_rlhf.hh import ASSISTANT, HUMAN  # noqa: E402
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "studies"))  # the scripts import their _study, as when run from there
 
 

@@ -15,11 +15,11 @@ import yaml
 from torch import nn
 
 from conftest import REPO
-from qlora_rlhf import ppo
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import ActorCritic
 from qlora_rlhf.config import PPOConfig
 from qlora_rlhf.models import load_tokenizer
-from qlora_rlhf.reward import pairwise, score_texts
+from qlora_rlhf.stages.reward import pairwise, score_texts
 from qlora_rlhf.tokens import dialogue_ids, prompt_ids, sequence_ids
 from qlora_rlhf.training import completion_perplexity
 

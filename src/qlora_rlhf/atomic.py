@@ -4,8 +4,6 @@ a line cut off mid-write spoils only itself."""
 
 from __future__ import annotations
 
-from .errors import SaveError  # noqa: F401  (re-exported)
-
 import json
 import os
 import shutil
@@ -13,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import SaveError  # noqa: F401  (re-exported: callers import it from here)
 
 
 

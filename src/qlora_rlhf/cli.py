@@ -28,13 +28,13 @@ class Verb(NamedTuple):
 STAGES = {
     "data": Verb("qlora_rlhf.stages.data", False, "build disjoint sft/rm/ppo subsets, eval split and manifest"),
     "base": Verb("qlora_rlhf.stages.base", True, "prepare the base model directory (converts the embedded GGUF once)"),
-    "sft": Verb("qlora_rlhf.sft", True, "supervised fine-tuning on chosen dialogues (QLoRA)"),
-    "rm": Verb("qlora_rlhf.reward", True, "reward model on preference pairs, warm-started from SFT"),
-    "ppo": Verb("qlora_rlhf.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
-    "evaluate": Verb("qlora_rlhf.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
-    "figures": Verb("qlora_rlhf.figures", False, "seaborn figures from metrics and tables"),
-    "paper": Verb("qlora_rlhf.paper", False, "LaTeX macros, tables and the PDF from the results (needs latexmk)"),
-    "seeds": Verb("qlora_rlhf.seeds", False, "the seed study: across-seed table, figure and the paper with its section"),
+    "sft": Verb("qlora_rlhf.stages.sft", True, "supervised fine-tuning on chosen dialogues (QLoRA)"),
+    "rm": Verb("qlora_rlhf.stages.reward", True, "reward model on preference pairs, warm-started from SFT"),
+    "ppo": Verb("qlora_rlhf.stages.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
+    "evaluate": Verb("qlora_rlhf.stages.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
+    "figures": Verb("qlora_rlhf.stages.figures", False, "seaborn figures from metrics and tables"),
+    "paper": Verb("qlora_rlhf.stages.paper", False, "LaTeX macros, tables and the PDF from the results (needs latexmk)"),
+    "seeds": Verb("qlora_rlhf.stages.seeds", False, "the seed study: across-seed table, figure and the paper with its section"),
     "plan-memory": Verb("qlora_rlhf.memory", False, "expected peak memory per stage for a params file"),
 }
 

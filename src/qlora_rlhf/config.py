@@ -6,13 +6,13 @@ line per problem, each naming the dotted key and what is allowed.
 
 from __future__ import annotations
 
-from .errors import ConfigError  # noqa: F401  (re-exported)
-
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 

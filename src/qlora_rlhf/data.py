@@ -3,8 +3,6 @@ deterministic, prompt-disjoint subsets (sft / rm / ppo) plus a held-out eval spl
 
 from __future__ import annotations
 
-from .errors import DataError  # noqa: F401  (re-exported)
-
 import gzip
 import hashlib
 import json
@@ -17,6 +15,7 @@ from pathlib import Path
 from . import synthetic
 from .atomic import atomic_dir, write_json
 from .config import Config
+from .errors import DataError  # noqa: F401  (re-exported: callers import it from here)
 from .hh import Pair, parse_row
 from .paths import RunPaths
 

@@ -3,8 +3,6 @@ LoRA via peft. The embedded default is SmolLM2-135M-Instruct from the llm-smollm
 
 from __future__ import annotations
 
-from .errors import ModelError  # noqa: F401  (re-exported)
-
 import importlib.util
 import json
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 from . import precision
 from .atomic import atomic_dir
 from .config import EMBEDDED_MODEL, Config
+from .errors import ModelError  # noqa: F401  (re-exported: callers import it from here)
 from .paths import RunPaths
 
 
@@ -161,8 +160,8 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
 def contiguous_lm_head_input(model) -> None:
     """Hand the vocabulary projection contiguous hidden states. `generate`'s prefill (and any
     `logits_to_keep`) slices the positions it needs as a strided view, and a bf16 linear on such a 3-D
-    view takes torch's batched CPU path, which copies the 49,152 x 576 weight once per sequence: 3.4 s
-    of an 8.8 s, 32-prompt `generate` call here. The copy made instead is batch x kept positions x hidden."""
+    view takes torch's batched CPU path, which copies the whole vocabulary matrix once per sequence (a large
+    share of a `generate` call, docs/findings.md). The copy made instead is batch x kept positions x hidden."""
     model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: (args[0].contiguous(), *args[1:]))
 
 
@@ -170,7 +169,7 @@ def one_cpu_4bit_path(model) -> None:
     """Keep bitsandbytes on its dequantize-and-matmul path on a CPU. On a CPU with AVX512-BF16 its
     first eval-mode no-grad forward repacks each 4-bit weight for a bf16 inference kernel that has no
     backward; every later training forward then takes that kernel too and silently drops the gradient
-    through the frozen base (LoRA gradients off by ~100 % after one evaluation: SFT after its
+    through the frozen base (the LoRA gradients are wrong after one evaluation: SFT after its
     baseline perplexity, PPO after its first rollout). It also makes results depend on the CPU model."""
     import bitsandbytes as bnb
 

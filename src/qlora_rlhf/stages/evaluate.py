@@ -1,5 +1,5 @@
 """Evaluation stage: on held-out prompts, sample from the base, SFT and PPO policies; score each
-response with the reward model and (synthetic data) the gold judge. Tables as CSV and LaTeX:
+response with the reward model and (synthetic data) the gold judge. Tables as CSV (the paper stage typesets them):
 perplexity, reward-model accuracy, mean reward with 95 % bootstrap intervals, KL(policy‖SFT),
 win rate of PPO over SFT under both judges, response length, and sample generations.
 
@@ -23,16 +23,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .actor import ActorCritic, forward, response_mask, sample, token_logprobs
-from .atomic import atomic_dir, atomic_file, read_json, read_jsonl
-from .config import Config
-from .data import read_split
-from .models import base_location, load_model
-from .paths import RunPaths
+from ..actor import ActorCritic, forward, response_mask, sample, token_logprobs
+from ..atomic import atomic_dir, atomic_file, read_json, read_jsonl
+from ..config import Config
+from ..data import read_split
+from ..models import base_location, load_model
+from ..paths import RunPaths
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
-from .synthetic import gold_score, prompt_category
-from .training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
+from ..synthetic import gold_score, prompt_category
+from ..training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
 
 
 def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
@@ -186,8 +186,7 @@ def run(config: Config, paths: RunPaths) -> dict:
         if has_gold:
             tables["gold_by_category"] = by_category
         for name, frame in tables.items():
-            frame.to_csv(out / f"{name}.csv", index=False)
-            frame.to_latex(out / f"{name}.tex", index=False, float_format="%.3f", escape=True)
+            frame.to_csv(out / f"{name}.csv", index=False)  # the paper stage typesets them from these
         generations.to_csv(out / "generations.csv", index=False)
         rm_pairs.to_csv(out / "rm_pairs.csv", index=False)
     row = summary.set_index("policy")

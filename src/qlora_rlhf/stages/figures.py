@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir
-from .config import Config
+from ..atomic import atomic_dir
+from ..config import Config
 from .paper import PaperError
-from .paths import RunPaths
+from ..paths import RunPaths
 
 POLICIES = ["base", "sft", "ppo"]
 POLICY_LABELS = {"base": "Base", "sft": "SFT", "ppo": "PPO"}

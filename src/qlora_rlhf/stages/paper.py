@@ -16,8 +16,6 @@ Macro names are letters only: `Res` + file stem + key in CamelCase (metrics/sft.
 
 from __future__ import annotations
 
-from .errors import PaperError  # noqa: F401  (re-exported)
-
 import csv
 import json
 import math
@@ -28,7 +26,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-PAPER_SOURCES = Path(__file__).resolve().parents[2] / "paper"
+from ..errors import PaperError  # noqa: F401  (re-exported: callers import it from here)
+
+# The project's paper/ folder, relative to the project root where DVC and Snakemake run every stage
+# (dvc.yaml declares it as the paper stage's dependency); not found through the package's own path,
+# which points into site-packages once the package is installed.
+PAPER_SOURCES = Path("paper")
 MACRO_USE = re.compile(r"\\((?:Res|Cfg)[A-Za-z]+)")
 GENERATED_MACRO_USE = re.compile(r"\\((?:Res|Cfg|Ref)[A-Za-z]+)")
 METRIC_FILES = ("sft", "rm", "ppo", "eval")
@@ -297,10 +300,10 @@ def comparison_text(gold: bool) -> str:
                 r"wins on a fraction \ResEvalWinrateRm{} of prompts according to the reward model and "
                 r"\ResEvalWinrateGold{} according to the gold judge (Table~\ref{tab:winrate}); Table~\ref{tab:gold} "
                 r"shows where the gold score moves. These numbers come from one training run with one seed, and the "
-                r"intervals measure evaluation noise, not the spread between runs: on the embedded default, PPO runs "
-                r"with other seeds on the same SFT and reward models raised the reward every time but the gold score "
-                r"only in some of them, and one found replies that the reward model overrates and lowered the gold "
-                r"score (reward hacking; the project's studies/README.md gives the figures of those runs)." "\n")
+                r"intervals measure evaluation noise, not the spread between runs, which the seed study "
+                r"(\texttt{dvc repro seeds}) measures. A PPO run can raise the reward model's score and lower the gold "
+                r"score at once, by finding replies that the reward model overrates (reward hacking): the gold judge "
+                r"is there to show it." "\n")
     return (r"There is no gold judge for these prompts (real hh-rlhf dialogues): what is measured is the learned "
             r"reward model's score of each response, the KL divergence to the SFT policy, the response length and "
             r"the share of responses that end with an end-of-sequence token. A higher reward shows that PPO "
@@ -408,7 +411,8 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
                 sources: Path = PAPER_SOURCES, samples: int = 6, pdf: bool = True) -> dict[str, Macro]:
     """Fill `out` (an existing, empty folder) with the paper; returns the macros it defined."""
     if not (sources / "paper.tex").is_file():
-        raise PaperError(f"{sources / 'paper.tex'} is missing")
+        raise PaperError(f"{sources.resolve() / 'paper.tex'} is missing: run the paper stage from the project root, "
+                         "as dvc repro and snakemake do")
     macros = build_macros(metrics, eval_dir, params)
     missing = sorted(used_macros(sources) - set(macros))
     if missing:
@@ -454,7 +458,7 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
 def run(config, paths) -> None:
     latexmk_path()      # fail before doing any work when the toolchain is missing
     params = config.model_dump(mode="json", exclude={"eval"})
-    from .atomic import atomic_dir
+    from ..atomic import atomic_dir
 
     with atomic_dir(paths.paper) as tmp:
         write_paper(tmp, paths.metrics, paths.eval, paths.figures, params, samples=config.eval.num_sample_rows)

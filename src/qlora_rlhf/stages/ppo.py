@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .actor import POLICY, ActorCritic, response_mask, token_logprobs
-from .atomic import atomic_dir, read_json, write_json
-from .config import Config, PPOConfig
-from .data import read_split
-from .paths import RunPaths
-from .training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, save_adapter, seed_everything,
+from ..actor import POLICY, ActorCritic, response_mask, token_logprobs
+from ..atomic import atomic_dir, read_json, write_json
+from ..config import Config, PPOConfig
+from ..data import read_split
+from ..paths import RunPaths
+from ..training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, save_adapter, seed_everything,
                        write_metrics)
 
 KEEP_CHECKPOINTS = 2
@@ -61,12 +61,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
 def batch_prompts(prompts: list[str], step: int, size: int, seed: int) -> list[str]:
     """Deterministic per step (so a resumed run sees the same batches): walk a per-epoch shuffle."""
     start = (step - 1) * size
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch that the batch touches (at most two)
     batch = []
     for index in range(start, start + size):
         epoch, offset = divmod(index, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        batch.append(prompts[order[offset]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(seed * 1000 + epoch).shuffle(orders[epoch])
+        batch.append(prompts[orders[epoch][offset]])
     return batch
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_dir, write_json
-from .config import Config
-from .errors import PaperError
-from .paths import RunPaths
+from ..atomic import atomic_dir, write_json
+from ..config import Config
+from ..errors import PaperError
+from ..paths import RunPaths
 
 JUDGES = {"gold": "gold judge", "reward": "reward model"}
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy in the stack); 1.96 beyond.

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from .atomic import atomic_dir, write_json
-from .config import Config
-from .data import read_split
-from .models import base_location, load_model, load_tokenizer, lora_config
-from .paths import RunPaths
-from .training import (History, HistoryCallback, checkpoints_for, completion_perplexity, merge_adapter,
+from ..atomic import atomic_dir, write_json
+from ..config import Config
+from ..data import read_split
+from ..models import base_location, load_model, load_tokenizer, lora_config
+from ..paths import RunPaths
+from ..training import (History, HistoryCallback, checkpoints_for, completion_perplexity, merge_adapter,
                        require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 # Read by the evaluation. Not metrics/sft.json: that also holds the stage's wall time, which differs on
