@@ -33,7 +33,7 @@ def test_response_mask_is_by_position_so_a_sampled_pad_id_leaves_no_hole():
                             [EOS, 3, 3, 3, 3, 3]])  # EOS first
     response = truncate_after_eos(sampled, EOS, PAD)
     assert response.tolist()[0] == [7, PAD, 9, EOS, PAD, PAD]
-    mask = response_mask(response, EOS, PAD)
+    mask = response_mask(response, EOS)
     assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]
     # the score sits on the EOS (position 3), not before the sampled pad id
     rewards, _ = ppo.token_rewards(torch.zeros(3, 6), torch.zeros(3, 6), torch.tensor([1.0, 2.0, 3.0]), mask, 0.1)
@@ -130,7 +130,7 @@ def test_rollout_arithmetic_matches_trl_where_the_score_positions_coincide():
     cfg = _cfg(lam=0.9)
     response = torch.tensor([[5, 6, 7, 8, EOS], [5, 6, 7, 8, 9], [9, 9, 9, 9, 9], [4, 4, 4, 4, EOS]])
     logprobs, ref, values, scores = -torch.rand(4, 5), -torch.rand(4, 5), torch.randn(4, 5), torch.randn(4)
-    mask = response_mask(response, EOS, PAD)
+    mask = response_mask(response, EOS)
     has_eos = (response == EOS).any(1)
     rewards, _ = ppo.token_rewards(logprobs, ref, ppo.sequence_scores(scores, has_eos, cfg), mask, cfg.kl_coef)
     advantages, returns = ppo.advantages_and_returns(rewards, values * mask, mask, cfg.gamma, cfg.lam)
@@ -147,7 +147,7 @@ def test_score_one_token_earlier_than_trl_after_an_early_eos():
     cfg = _cfg()
     response = torch.tensor([[5, EOS, PAD, PAD]])
     zeros = torch.zeros(1, 4)
-    rewards, _ = ppo.token_rewards(zeros, zeros, torch.tensor([1.5]), response_mask(response, EOS, PAD), cfg.kl_coef)
+    rewards, _ = ppo.token_rewards(zeros, zeros, torch.tensor([1.5]), response_mask(response, EOS), cfg.kl_coef)
     trl_rewards, _, _ = _trl_rollout_arithmetic(zeros, zeros, torch.tensor([1.5]), zeros, response, cfg)
     assert rewards.tolist() == [[0, 1.5, 0, 0]] and trl_rewards.tolist() == [[0, 0, 1.5, 0]]
 

@@ -19,7 +19,7 @@ def test_sample_is_seeded_and_its_log_probs_are_the_policys(pipeline):
         runs.append(sample(ac.model, ac.tokenizer, prompts, 6, 0.7, logprobs=True))
     (query, query_mask, response, logprobs), again = runs
     assert torch.equal(response, again[2]) and torch.equal(logprobs, again[3])
-    resp_mask = response_mask(response, ac.tokenizer.eos_token_id, ac.tokenizer.pad_token_id)
+    resp_mask = response_mask(response, ac.tokenizer.eos_token_id)
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
     with torch.no_grad():
         logits, _ = ac.forward(ids, mask, logits_from=query.shape[1] - 1)

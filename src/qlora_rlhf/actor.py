@@ -161,10 +161,10 @@ def truncate_after_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> torc
     return response.masked_fill(_after_first_eos(response, eos_id), pad_id)
 
 
-def response_mask(response: torch.Tensor, eos_id: int, pad_id: int | None = None) -> torch.Tensor:
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 for real response tokens (every position through the first EOS), 0 after it. By position, not
     by token id: a sampled token may carry the pad id, and masking it would leave a hole and move the
-    score position. Generation pads only after EOS, so `pad_id` is not needed (kept for callers)."""
+    score position. Generation pads only after EOS, so the pad id is not needed."""
     return (~_after_first_eos(response, eos_id)).long()
 
 

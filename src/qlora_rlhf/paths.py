@@ -39,7 +39,7 @@ class RunPaths:
     # data stage
     @property
     def data(self) -> Path:
-        return (self.shared_root or self.root) / "data"
+        return self.main.root / "data"
 
     def split(self, name: str) -> Path:
         return self.data / f"{name}.jsonl"
@@ -51,15 +51,15 @@ class RunPaths:
     # base / training stages: one folder each, written atomically
     @property
     def base_model(self) -> Path:
-        return (self.shared_root or self.root) / "base"
+        return self.main.root / "base"
 
     @property
     def sft(self) -> Path:
-        return (self.shared_root or self.root) / "sft"
+        return self.main.root / "sft"
 
     @property
     def rm(self) -> Path:
-        return (self.shared_root or self.root) / "rm"
+        return self.main.root / "rm"
 
     @property
     def ppo(self) -> Path:

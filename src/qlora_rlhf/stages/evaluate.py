@@ -29,16 +29,12 @@ from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model
 from ..paths import RunPaths
+from ..stats import bootstrap_ci
+from ..synthetic import gold_score, prompt_category
+from ..tokens import prompt_ids
+from ..training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
 from .reward import HELD_OUT_MARGINS
 from .sft import HELD_OUT_PERPLEXITY
-from ..synthetic import gold_score, prompt_category
-from ..training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
-
-
-def bootstrap_ci(values: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(samples, len(values)), replace=True).mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 @torch.no_grad()
@@ -59,7 +55,7 @@ def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config
         batch = prompts[start : start + cfg.batch_size]
         with role():
             query, query_mask, response, own = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature, logprobs=True)
-        resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
+        resp_mask = response_mask(response, tok.eos_token_id)
         ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
         kl = torch.zeros(len(batch))
         if not is_sft:
@@ -128,15 +124,17 @@ def run(config: Config, paths: RunPaths) -> dict:
     held_out = split[: config.eval.num_prompts]
     sample_prompts = [r["prompt"] for r in held_out[: config.eval.num_sample_rows]]
     # Batches of similar prompt length: left padding then costs ~5 % of the prompt tokens, not ~30 %.
-    held_out.sort(key=lambda r: len(tok(r["prompt"], add_special_tokens=False).input_ids))
+    held_out.sort(key=lambda r: len(prompt_ids(tok, r["prompt"])))
     prompts = [r["prompt"] for r in held_out]
     roles = {"base": (base, nullcontext), "sft": (ac.model, ac.reference), "ppo": (ac.model, nullcontext)}
     saved = checkpoints_for(paths, "evaluate", _rollout_config(config), _rollout_inputs(paths))
 
+    run_generations = (pd.read_csv(require(evaluated_by_run, "evaluate")).assign(
+        response=lambda f: f["response"].fillna("")) if evaluated_by_run else None)  # an empty reply reads as NaN
+
     def policy_rows(name: str, model, role) -> list[dict]:
-        if evaluated_by_run and name != "ppo":
-            frame = pd.read_csv(require(evaluated_by_run, "evaluate"))
-            frame = frame[frame["policy"] == name].assign(response=lambda f: f["response"].fillna(""))  # "" reads as NaN
+        if run_generations is not None and name != "ppo":
+            frame = run_generations[run_generations["policy"] == name]
             if frame["prompt"].tolist() != prompts:
                 raise TrainingError(f"{evaluated_by_run} was evaluated on other prompts; re-run the evaluate stage")
             return frame.to_dict("records")

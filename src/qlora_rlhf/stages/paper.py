@@ -48,8 +48,6 @@ INSTALL_HINT = "install it with: sudo apt-get install $(cat scripts/apt-packages
 REWARDBENCH_SMALL_HARMLESS = (0.56, 0.65)
 
 
-
-
 @dataclass(frozen=True)
 class Macro:
     name: str
@@ -158,8 +156,9 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
             raise PaperError(f"macro \\{name} would come from both {macros[name].source} and {source}")
         macros[name] = Macro(name, value, source)
 
+    read = {stem: _read_json(metrics / f"{stem}.json") for stem in METRIC_FILES}
     for stem in METRIC_FILES:
-        for key, value in _read_json(metrics / f"{stem}.json").items():
+        for key, value in read[stem].items():
             if isinstance(value, (int, float)) or value is None:
                 add(f"Res{camel(stem)}{camel(key)}", fmt(value), f"metrics/{stem}.json:{key}")
     required = tuple(c for c in SUMMARY_COLUMNS if c not in GOLD_COLUMNS)
@@ -176,12 +175,11 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
             add(f"ResGold{camel(category)}{camel(column)}", fmt(row.get(column)),
                 f"eval/gold_by_category.csv:{category}.{column}")
     # The dtype the model stages ran in (`auto` resolves per machine), else the configured one.
-    sft = _read_json(metrics / "sft.json")
+    sft, rm = read["sft"], read["rm"]
     if "compute_dtype" in sft:
         add("ResSftComputeDtype", escape(sft["compute_dtype"]), "metrics/sft.json:compute_dtype")
     else:
         add("ResSftComputeDtype", escape(params.get("model", {}).get("compute_dtype", "--")), "params:model.compute_dtype")
-    rm = _read_json(metrics / "rm.json")
     if isinstance(rm.get("accuracy"), (int, float)) and isinstance(rm.get("eval_pairs"), int) and rm["eval_pairs"] > 0:
         low, high = wilson_interval(rm["accuracy"], rm["eval_pairs"])
         add("ResRmAccuracyCiLow", fmt(low), "metrics/rm.json:accuracy,eval_pairs (Wilson 95% interval)")
@@ -380,7 +378,7 @@ def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
 
 def results_summary(metrics: Path, run_name: str) -> str:
     """summary.md: the run's headline numbers in plain text beside the PDF, read from metrics/*.json."""
-    read = {stage: json.loads((metrics / f"{stage}.json").read_text()) for stage in METRIC_FILES}
+    read = {stage: _read_json(metrics / f"{stage}.json") for stage in METRIC_FILES}
     sft, rm, ppo, ev = (read[s] for s in METRIC_FILES)
 
     def num(value, digits=3):

@@ -161,7 +161,7 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig, kl_coef: float 
     kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
     tok = ac.tokenizer
     query, query_mask, response = ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
-    resp_mask = response_mask(response, tok.eos_token_id, tok.pad_token_id)
+    resp_mask = response_mask(response, tok.eos_token_id)
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
     start = query.shape[1] - 1
     with torch.no_grad():

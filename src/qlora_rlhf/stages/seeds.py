@@ -26,6 +26,7 @@ from ..atomic import atomic_dir, write_json
 from ..config import Config
 from ..errors import PaperError
 from ..paths import RunPaths
+from ..stats import bootstrap_ci
 
 JUDGES = {"gold": "gold judge", "reward": "reward model"}
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy in the stack); 1.96 beyond.
@@ -45,12 +46,6 @@ def interval_over_seeds(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def paired_bootstrap(diff: np.ndarray, samples: int, seed: int) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = rng.choice(diff, size=(samples, len(diff)), replace=True).mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def seed_row(seed: int, sft: pd.DataFrame, ppo: pd.DataFrame, samples: int) -> dict:
     """PPO (one seed's generations) against SFT, prompt by prompt: both are in the evaluation's order."""
     if list(sft["prompt"]) != list(ppo["prompt"]):
@@ -63,7 +58,7 @@ def seed_row(seed: int, sft: pd.DataFrame, ppo: pd.DataFrame, samples: int) -> d
         if not keep.any():  # real prompts: no gold judge
             continue
         diff = b[keep] - a[keep]
-        low, high = paired_bootstrap(diff, samples, seed)
+        low, high = bootstrap_ci(diff, samples, seed)  # paired: over per-prompt differences
         wins = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
         row |= {f"sft_{judge}": float(a[keep].mean()), f"ppo_{judge}": float(b[keep].mean()),
                 f"{judge}_gain": float(diff.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
