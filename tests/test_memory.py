@@ -98,7 +98,10 @@ def test_checkpointing_saves_activation_memory(paper):
 def test_kv_cache_formula(paper):
     # 2 (k, v) x 32 layers x 32 kv heads x 128 head dim x 384 tokens x 16 prompts x 4 bytes (fp32 under NF4)
     assert memory.kv_cache(paper, LLAMA2_7B, 16, 384) == 2 * 32 * 32 * 128 * 384 * 16 * 4
-    assert memory.plan(paper, LLAMA2_7B)["ppo"]["kv_cache"] == memory.kv_cache(paper, LLAMA2_7B, 16, 256 + 128)
+    # the paper samples from a dense bf16 copy (model.generation: dense): its cache is bf16; peft's is fp32
+    assert memory.plan(paper, LLAMA2_7B)["ppo"]["kv_cache"] == memory.kv_cache(paper, LLAMA2_7B, 16, 384, 2)
+    peft = paper.model_copy(update={"model": paper.model.model_copy(update={"generation": "peft"})})
+    assert memory.plan(peft, LLAMA2_7B)["ppo"]["kv_cache"] == memory.kv_cache(paper, LLAMA2_7B, 16, 384)
 
 
 def test_architecture_from_base_config_json(tmp_path, paper):

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import Config
+from .generation import sampling_model
 from .models import compute_dtype, load_model, lora_config
 from .tokens import left_pad, positions, prompt_ids
 
@@ -42,6 +43,7 @@ class ActorCritic:
     value_head: nn.Linear
     reward_head: nn.Linear
     tokenizer: object
+    engine: str = "peft"  # what samples are drawn from: model.generation (generation.py)
 
     @classmethod
     def load(cls, config: Config, sft_model: Path, rm_adapter: Path, policy_adapter: Path | None = None,
@@ -72,7 +74,7 @@ class ActorCritic:
         # float32 like the LoRA weights, whatever the compute dtype.
         value_head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32, device=device)
         nn.init.zeros_(value_head.weight)
-        return cls(model, value_head, reward_head, tokenizer)
+        return cls(model, value_head, reward_head, tokenizer, config.model.generation)
 
     @property
     def device(self):
@@ -114,9 +116,17 @@ class ActorCritic:
         """The value head over hidden states (batch, time, hidden) -> (batch, time), in float32."""
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
+    @contextmanager
+    def sampler(self, model=None):
+        """What to call `generate` on for `model` (default: this object's) in its present role:
+        itself, or its dense copy (model.generation, generation.py)."""
+        with sampling_model(self.model if model is None else model, self.engine, self.reward_head.weight.dtype) as m:
+            yield m
+
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float):
         """Sample from the policy role; see `sample`."""
-        return sample(self.model, self.tokenizer, prompts, max_new_tokens, temperature)
+        with self.sampler() as model:
+            return sample(model, self.tokenizer, prompts, max_new_tokens, temperature)
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits_from: int | None = 0):

@@ -32,7 +32,9 @@ each matching how this project loads and trains models (qlora_rlhf.models, sft, 
 - PPO uses ONE shared 4-bit base: the policy is a trainable LoRA adapter plus a value head read off
   the same forward's last hidden state, the reference is the base with the adapter disabled, the
   reward model a second (frozen) named adapter plus a score head. Base weights are counted once.
-  Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch.
+  Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch;
+  with model.generation: dense it also holds a dense copy of the model in the compute dtype, and its
+  cache and transient tensors are in that dtype (generation_phase).
   Rollout scoring (ppo.rollout) keeps the policy's and the reference's logits over the response
   positions (actor.forward's logits_from: no vocabulary projection of the prompt) while the reward
   pass (last position's logits only) holds every layer's hidden state (output_hidden_states) and
@@ -199,7 +201,7 @@ def _targets(config: Config) -> set[str]:
 # which SDPA keeps anyway.
 _SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
 # PPO's phases, which do not overlap in time, and their components.
-PPO_PHASES = {"generation": ("kv_cache", "prefill_working_set"),
+PPO_PHASES = {"generation": ("kv_cache", "prefill_working_set", "dense_sampler_copy"),
               "scoring": ("rollout_logits", "rollout_hidden_states", "scoring_working_set"),
               "update": ("activations", "logits")}
 SFT_LOSS_CHUNK_TOKENS = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
@@ -254,14 +256,26 @@ def sft_logits(arch: Architecture, sequences: int, tokens: int) -> float:
     return logits(arch, 1, min(SFT_LOSS_CHUNK_TOKENS, sequences * (tokens - 1)), SFT_LOSS_CHUNK_COPIES)
 
 
-def working_set(config: Config, arch: Architecture, tokens: int) -> float:
+def working_set(config: Config, arch: Architecture, tokens: int, element_bytes: int | None = None) -> float:
     """One decoder layer's transient tensors in a no-grad forward: the MLP's gate, up, SiLU(gate) and
     their product (measured on SmolLM2: 3.6 x intermediate per token for the MLP, 4.4 for the layer)."""
-    return tokens * 4 * arch.intermediate_size * _act_bytes(config)
+    return tokens * 4 * arch.intermediate_size * (element_bytes or _act_bytes(config))
 
 
-def kv_cache(config: Config, arch: Architecture, batch: int, tokens: int) -> float:
-    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * batch * _act_bytes(config)
+def kv_cache(config: Config, arch: Architecture, batch: int, tokens: int, element_bytes: int | None = None) -> float:
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * batch * (element_bytes or _act_bytes(config))
+
+
+def generation_phase(config: Config, arch: Architecture) -> dict[str, float]:
+    """PPO's sampling: the KV cache and the prefill's transient tensors, in the dtype the sampler
+    computes in. A dense sampler (generation.py) is a whole copy of the model in the compute dtype,
+    with the residual stream in that dtype too; peft's runs the NF4 model itself."""
+    cfg, cbytes = config.ppo, DTYPE_BYTES[config.model.compute_dtype]
+    dense = config.model.generation == "dense"
+    element = cbytes if dense else _act_bytes(config)
+    phase = {"kv_cache": kv_cache(config, arch, cfg.batch_size, config.data.max_prompt_tokens + cfg.max_new_tokens, element),
+             "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens, element)}
+    return phase | ({"dense_sampler_copy": arch.total_params * cbytes} if dense else {})
 
 
 def _trainable(config: Config, trainable_params: int, param_bytes: int) -> dict[str, float]:
@@ -295,9 +309,7 @@ def plan(config: Config, arch: Architecture, device: str = "cuda") -> dict[str, 
     }
     cfg, act = config.ppo, _act_bytes(config)
     new, total_tokens = cfg.max_new_tokens, config.data.max_prompt_tokens + cfg.max_new_tokens
-    phases = {  # generation, rollout scoring, update
-        "kv_cache": kv_cache(config, arch, cfg.batch_size, total_tokens),
-        "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens),
+    phases = generation_phase(config, arch) | {  # then rollout scoring, update
         "rollout_logits": logits(arch, cfg.batch_size, new + 1, copies=2),  # policy and reference, response only
         "rollout_hidden_states": (arch.num_layers + 1) * cfg.batch_size * total_tokens * h * act,
         "scoring_working_set": working_set(config, arch, cfg.batch_size * total_tokens),
@@ -305,7 +317,7 @@ def plan(config: Config, arch: Architecture, device: str = "cuda") -> dict[str, 
                                    device=device),
         "logits": logits(arch, cfg.mini_batch_size, new + 1, 1) + logits(arch, cfg.mini_batch_size, new, 3),
     }
-    peaks = [sum(phases[name] for name in names) for names in PPO_PHASES.values()]
+    peaks = [sum(phases.get(name, 0) for name in names) for names in PPO_PHASES.values()]
     ppo = _weights(config, arch, lm_head=True) | _trainable(config, n_lora, 4) | {
         "value_head": h * (2 * cbytes + OPTIMIZER_BYTES_PER_PARAM[config.model.optimizer]),  # weight, grad, states
         "reward_adapter_and_head": n_lora * 4 + h * cbytes,  # frozen second adapter (peft loads it in fp32)

@@ -46,15 +46,16 @@ def sequence_logprob(model, ids, mask, response, start: int, temperature: float)
 
 @torch.no_grad()
 def rollouts(name: str, model, role, ac: ActorCritic, prompts: list[str], config: Config) -> pd.DataFrame:
-    """Generate with one policy (`model` inside the context `role()`); score with the reward model;
-    KL to SFT from the log-probs under that policy and under SFT (0 by definition for SFT itself)."""
+    """Generate with one policy (`model` inside the context `role()`, sampled through model.generation's
+    engine); score with the reward model; KL to SFT from the sampled tokens' log-probs under the
+    distribution they were drawn from and under SFT (0 by definition for SFT itself)."""
     tok, cfg, rows = ac.tokenizer, config.eval, []
     is_sft = role == ac.reference
     torch.manual_seed(config.run.seed)  # the same sampling noise for every policy
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"evaluate {name}", unit="batch"):
         batch = prompts[start : start + cfg.batch_size]
-        with role():
-            query, query_mask, response, own = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature, logprobs=True)
+        with role(), ac.sampler(model) as sampler:
+            query, query_mask, response, own = sample(sampler, tok, batch, cfg.max_new_tokens, cfg.temperature, logprobs=True)
         resp_mask = response_mask(response, tok.eos_token_id)
         ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
         kl = torch.zeros(len(batch))
