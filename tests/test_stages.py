@@ -15,8 +15,8 @@ from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
-from qlora_rlhf.stages.reward import HELD_OUT_MARGINS, score_texts
-from qlora_rlhf.stages.sft import HELD_OUT_PERPLEXITY
+from qlora_rlhf.paths import HELD_OUT_MARGINS, HELD_OUT_PERPLEXITY
+from qlora_rlhf.stages.reward import score_texts
 from qlora_rlhf.training import TrainingError, train_loss_ends
 
 

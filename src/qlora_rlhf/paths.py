@@ -11,6 +11,14 @@ from pathlib import Path
 
 from .config import Config
 
+# Files one stage writes into its folder for a later one. Named here, not in the writing stage's
+# module, so that a reader (the evaluation) depends on paths.py, not on the code of the stage that wrote them.
+# The SFT stage's held-out perplexity of the base and SFT models. Not metrics/sft.json: that also holds the
+# stage's wall time, which differs on every run, so depending on it would re-run the evaluation after an SFT
+# re-run with identical outputs.
+HELD_OUT_PERPLEXITY = "held_out_perplexity.json"
+HELD_OUT_MARGINS = "held_out_margins.csv"  # the rm stage's margin for each pair of the eval split
+
 
 @dataclass(frozen=True)
 class RunPaths:

@@ -28,13 +28,11 @@ from ..atomic import atomic_dir, atomic_file, read_json, read_jsonl
 from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model
-from ..paths import RunPaths
+from ..paths import HELD_OUT_MARGINS, HELD_OUT_PERPLEXITY, RunPaths
 from ..stats import bootstrap_ci
 from ..synthetic import gold_score, prompt_category
 from ..tokens import prompt_ids
 from ..training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
-from .reward import HELD_OUT_MARGINS
-from .sft import HELD_OUT_PERPLEXITY
 
 
 @torch.no_grad()

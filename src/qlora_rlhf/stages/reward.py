@@ -15,12 +15,11 @@ from ..atomic import atomic_dir
 from ..config import Config
 from ..data import read_split
 from ..models import load_model, load_tokenizer, lora_config
-from ..paths import RunPaths
+from ..paths import HELD_OUT_MARGINS, RunPaths
 from ..tokens import left_pad, positions, sequence_ids
 from ..training import (History, HistoryCallback, checkpoints_for, require, save_adapter, seed_everything,
                        train_loss_ends, train_resumably, trainer_args, write_metrics)
 
-HELD_OUT_MARGINS = "held_out_margins.csv"  # in the rm stage's folder, one row per pair of the eval split
 
 
 @torch.no_grad()

@@ -12,13 +12,9 @@ from ..atomic import atomic_dir, write_json
 from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model, load_tokenizer, lora_config
-from ..paths import RunPaths
+from ..paths import HELD_OUT_PERPLEXITY, RunPaths
 from ..training import (History, HistoryCallback, checkpoints_for, completion_perplexity, merge_adapter,
                        require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
-
-# Read by the evaluation. Not metrics/sft.json: that also holds the stage's wall time, which differs on
-# every run, so depending on it would re-run the evaluation after an SFT re-run with identical outputs.
-HELD_OUT_PERPLEXITY = "held_out_perplexity.json"
 
 
 def run(config: Config, paths: RunPaths) -> dict:
