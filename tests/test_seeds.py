@@ -144,3 +144,10 @@ def test_a_seed_trains_its_own_ppo_and_reuses_the_runs_base_and_sft_evaluation(p
     assert run_ppo["prompt"].tolist() == seed_ppo["prompt"].tolist()
     assert run_ppo["response"].tolist() != seed_ppo["response"].tolist()  # another PPO run, other samples
     assert json.loads(seed_paths.stage_metrics("ppo").read_text())["steps"] == config.ppo.steps
+
+
+def test_seed_table_numbers_carry_a_real_minus_sign():
+    from qlora_rlhf.stages.seeds import fmt
+
+    assert fmt(-0.0271) == r"\ensuremath{-}0.027" and fmt(0.066) == "0.066"
+    assert fmt(-0.0001) == "0.000" and fmt(float("nan")) == "--"

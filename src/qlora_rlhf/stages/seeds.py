@@ -121,7 +121,11 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
 
 
 def fmt(value: float, digits: int = 3) -> str:
-    return "--" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    """Fixed digits (a column of gains lines up), a real minus sign as the paper's tables have, `--` if missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "--"
+    text = f"{abs(value):.{digits}f}"
+    return ("\\ensuremath{-}" if value < 0 and float(text) else "") + text
 
 
 def latex_table(table: pd.DataFrame, summary: dict) -> str:
