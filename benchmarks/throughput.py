@@ -94,20 +94,25 @@ def main() -> None:
                         help="the paper profile on random weights in Llama-2-7B's shape (CUDA; ~14 GB disk)")
     parser.add_argument("--tokenizer", help="with --llama7b: a tokenizer folder (default: the embedded model's)")
     parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument("--generation", choices=["dense", "peft"],
+                        help="what PPO samples from (default: the params' model.generation; generation.py)")
     parser.add_argument("--out", default="throughput")
     args = parser.parse_args()
 
     from peft import get_peft_model
 
+    from qlora_rlhf import precision
     from qlora_rlhf.config import load_config
-    from qlora_rlhf.models import device, load_model, load_tokenizer, lora_config
+    from qlora_rlhf.generation import sampling_model
+    from qlora_rlhf.models import compute_dtype, device, load_model, load_tokenizer, lora_config
 
     if args.llama7b and not torch.cuda.is_available():
         raise SystemExit("--llama7b needs a CUDA device")
     params = REPO / "configs" / "paper-llama2-7b.yaml" if args.llama7b else args.params
     config = load_config(params)
     seq = args.seq or config.data.max_length
-    config = with_overrides(config, data={"max_length": seq})
+    config = with_overrides(config, data={"max_length": seq},
+                            model={"generation": args.generation or config.model.generation})
     path = random_llama2_7b(tokenizer=args.tokenizer) if args.llama7b else model_dir(config, args.model, args.tiny)
     arch = architecture(path)
     tokenizer = load_tokenizer(path)
@@ -124,7 +129,8 @@ def main() -> None:
 
     results = {"params": str(params), "model": "random weights in Llama-2-7B's shape" if args.llama7b else str(path),
                "seq": seq, "peak_tflops": peak, "gradient_checkpointing": config.model.gradient_checkpointing,
-               "quantization": config.model.quantization, "compute_dtype": config.model.compute_dtype}
+               "quantization": config.model.quantization, "compute_dtype": precision.of(config).dtype,
+               "generation": config.model.generation}
 
     # ---- SFT step: causal LM loss on B x S tokens
     b_sft = args.batch or config.sft.batch_size
@@ -167,16 +173,21 @@ def main() -> None:
     prompt_len = args.prompt_len or config.data.max_prompt_tokens
     new = args.new_tokens or config.ppo.max_new_tokens
     clock = {"generate": 0.0, "score": 0.0, "train": 0.0}
+    decoding = [0.0]  # generate() alone, without making the dense copy
 
     def ppo_step():
         t0 = time.perf_counter()
         policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), sampling_model(policy, config.model.generation, compute_dtype(config)) as sampler:
             query = ids(prompts, prompt_len)
-            seqs = policy.generate(input_ids=query, attention_mask=torch.ones_like(query), max_new_tokens=new,
-                                   min_new_tokens=new, do_sample=True, temperature=config.ppo.temperature,
-                                   pad_token_id=pad, use_cache=True)
             _sync()
+            started = time.perf_counter()
+            seqs = sampler.generate(input_ids=query, attention_mask=torch.ones_like(query), max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=True, temperature=config.ppo.temperature,
+                                    pad_token_id=pad, use_cache=True)
+            _sync()
+            decoding[0] += time.perf_counter() - started
+        with torch.no_grad():
             t1 = time.perf_counter()
             with policy.disable_adapter():
                 policy(input_ids=seqs).logits.float().log_softmax(-1)
@@ -194,7 +205,7 @@ def main() -> None:
             clock[key] += value
 
     timed(ppo_step, args.warmup, 0)  # warm-up, discarded
-    clock = dict.fromkeys(clock, 0.0)
+    clock, decoding[0] = dict.fromkeys(clock, 0.0), 0.0
     seconds = timed(ppo_step, args.steps, 0)
     total = sum(clock.values())
     gen_tps = prompts * new / (clock["generate"] / args.steps)
@@ -202,7 +213,8 @@ def main() -> None:
         "prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new, "seconds_per_step": seconds,
         "episodes_per_second": prompts / seconds, "generation_share": clock["generate"] / total,
         "scoring_share": clock["score"] / total, "training_share": clock["train"] / total,
-        "generated_tokens_per_second": gen_tps,
+        "generated_tokens_per_second": gen_tps, "generate_seconds_per_step": clock["generate"] / args.steps,
+        "decoding_seconds_per_step": decoding[0] / args.steps,  # generate() itself, without the dense copy's making
         "generation_mfu": mfu(gen_tps, generate_flops_per_token(arch, prompt_len + new / 2))}
     print("ppo", dumps(results["ppo"]))
     results["matmul_params"] = matmul_params(arch)
