@@ -257,7 +257,7 @@ def planned(config, arch, stage: str, device: str) -> dict:
     out = {"planned_bytes": sum(parts.values()) - parts["framework_overhead"],
            "planned_components_gib": {k: round(v / GIB, 4) for k, v in parts.items()}}
     if stage == "ppo":
-        size = {name: sum(parts[k] for k in keys) for name, keys in memory.PPO_PHASES.items()}
+        size = {name: sum(parts.get(k, 0) for k in keys) for name, keys in memory.PPO_PHASES.items()}
         static = out["planned_bytes"] - sum(size.values()) - parts["phases_not_concurrent"]
         out["planned_phase_bytes"] = {"generation": static + size["generation"],
                                       "rollout": static + max(size["generation"], size["scoring"]),

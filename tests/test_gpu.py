@@ -68,3 +68,28 @@ def test_ppo_on_cuda_starts_at_the_reference_and_updates_finitely(gpu_config, ti
     assert batch["kl"].abs().max().item() < 1e-2
     stats = ppo.update(ac, ppo.make_optimizer(gpu_config, ac.policy_parameters()), batch, gpu_config.ppo)
     assert all(math.isfinite(v) for v in stats.values()), stats
+
+
+def test_dense_sampler_on_cuda_matches_the_nf4_policy(gpu_config, tiny_model_dir):
+    """The CUDA NF4 kernels de-quantize differently from the CPU's: the dense copy (generation.py) must still
+    compute the policy's function there, and live on the GPU."""
+    from peft import get_peft_model
+
+    from qlora_rlhf.actor import forward
+    from qlora_rlhf.generation import dense_copy
+    from qlora_rlhf.models import load_model, load_tokenizer, lora_config
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = get_peft_model(load_model(tiny_model_dir, gpu_config, tokenizer.pad_token_id, trainable=False),
+                           lora_config(gpu_config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    dense = dense_copy(model, torch.bfloat16)
+    assert all(p.device.type == "cuda" for p in dense.parameters())
+    ids = torch.tensor([tokenizer("\n\nHuman: Hello there\n\nAssistant: Hi").input_ids], device="cuda")
+    mask = torch.ones_like(ids)
+    own = torch.log_softmax(forward(model, ids, mask)[0].float(), -1)
+    copy = torch.log_softmax(forward(dense, ids, mask)[0].float(), -1)
+    assert (own - copy).abs().max().item() < 0.1
