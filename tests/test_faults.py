@@ -191,3 +191,49 @@ def test_a_dvclive_summary_cut_off_by_a_kill_is_rebuilt_from_the_history(tmp_pat
     assert list(resumed.rows()["loss"]) == [0.7, 0.6, 0.5]
     tsv = (paths.dvclive("rm") / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv] == ["step", "1", "2", "3"]
+
+
+# SIGTERM after the first logged step; no regular checkpoint falls in the steps run before the rerun,
+# so the one found is the one SIGTERM saved
+PREEMPT = {"sft": {"sft.max_steps": 12, "sft.save_steps": 1000, "sft.logging_steps": 1},
+           "ppo": {"ppo.steps": 6, "ppo.save_steps": 1000}}
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])  # rm shares sft's Trainer path (training.train_resumably)
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes_from_it(stage, pipeline, tmp_path, tiny_model_dir):
+    _, paths, _ = pipeline
+    run = tmp_path / "results" / "smoke"
+    _copy_inputs(paths, run, stage)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **PREEMPT[stage])))
+    history = run / "checkpoints" / stage / "history.jsonl"
+
+    proc = subprocess.Popen(_cli(params, stage), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not read_jsonl(history) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert read_jsonl(history), "no step was logged before the deadline"
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143, stderr[-3000:]
+    reached = max(row["step"] for row in read_jsonl(run / "checkpoints" / stage / "seconds.jsonl"))
+    total = next(iter(PREEMPT[stage].values()))
+    assert 1 <= reached < total, "the stage finished before SIGTERM could stop it"
+    if stage == "ppo":
+        checkpoint = run / "checkpoints" / "ppo" / f"step-{reached:06d}"
+        assert json.loads((checkpoint / "state.json").read_text())["step"] == reached
+    else:
+        checkpoint = run / "checkpoints" / stage / f"checkpoint-{reached}"
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == reached
+    assert (checkpoint / "adapter_model.safetensors").is_file() or (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("preempted:") and str(checkpoint) in last_line and "resumes" in last_line, last_line
+    assert not (run / stage).exists(), "a preempted stage must not write its outputs"
+
+    seconds_rows = len(read_jsonl(run / "checkpoints" / stage / "seconds.jsonl"))
+    done = subprocess.run(_cli(params, stage), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [row["step"] for row in read_jsonl(run / "checkpoints" / stage / "seconds.jsonl")][seconds_rows:]
+    assert resumed == list(range(reached + 1, total + 1)), f"did not resume from step {reached}: {resumed[:5]}"
+    assert json.loads((run / "metrics" / f"{stage}.json").read_text())["steps"] == total
+    assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()

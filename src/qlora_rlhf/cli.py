@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from . import precision
 from .config import Config, ConfigError, check_runtime, load_config
-from .errors import UserError
+from .errors import Preempted, UserError
 from .memory import DEVICES
 from .paths import RunPaths
 
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: completed checkpoints are kept; re-run the same command to resume", file=sys.stderr)
         return 130

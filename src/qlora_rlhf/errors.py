@@ -1,6 +1,8 @@
 """Errors a user can fix. The CLI prints their message on one line and exits non-zero, without a
 stack trace; this module imports nothing heavy so that a bad params file fails fast."""
 
+import signal
+
 
 class UserError(Exception):
     """Base of every error whose message tells the user what to change."""
@@ -28,3 +30,12 @@ class TrainingError(UserError, RuntimeError):
 
 class PaperError(UserError, RuntimeError):
     """The figures or paper stage cannot build its outputs (missing metric, missing LaTeX toolchain)."""
+
+
+class Preempted(Exception):
+    """A training loop stopped by SIGTERM after saving a checkpoint (preemption.py); not a UserError:
+    nothing is wrong. The CLI exits with `exit_code`, what a shell reports for a process that SIGTERM
+    ended (128 + 15): the same status whether the signal came inside the training loop or outside it
+    (where it still ends the process), apart from 1 (training error) and 2 (bad params)."""
+
+    exit_code = 128 + signal.SIGTERM

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import precision
+from . import distributed, precision
 from .atomic import atomic_dir
 from .config import EMBEDDED_MODEL, Config
 from .errors import ModelError  # noqa: F401  (re-exported: callers import it from here)
@@ -19,7 +19,16 @@ from .paths import RunPaths
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device this process loads its model on (device_map={"": device()}): on a GPU machine the GPU
+    of its local rank, so that each process of `accelerate launch` holds its own NF4 copy on its own GPU
+    (cuda:0 for a single process); the CPU otherwise, for every process."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index, count = distributed.local_rank(), torch.cuda.device_count()
+    if index >= count:
+        raise ModelError(f"this process has LOCAL_RANK={index} but {count} GPU(s) are visible: "
+                         f"launch at most {count} processes per machine")
+    return torch.device("cuda", index)
 
 
 def compute_dtype(config: Config) -> torch.dtype:

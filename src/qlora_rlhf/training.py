@@ -15,11 +15,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
-from . import precision
+from . import distributed, precision
 from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_json
 from .config import Config
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
+from .preemption import PreemptionCallback, SigtermFlag, stopped
 from .tokens import dialogue_ids
 
 
@@ -89,16 +90,18 @@ def train_loss_ends(curve: pd.DataFrame) -> dict[str, float]:
 
 
 class HistoryCallback(TrainerCallback):
-    """Sends the Trainer's training logs (loss, accuracy, ...) to a History."""
+    """Sends the Trainer's training logs (loss, accuracy, ...) to a History, and stops on a non-finite
+    loss. `history` is None in all but the writing process of a distributed run: the logged loss is
+    already averaged over processes, so every process checks it and stops at the same step."""
 
-    def __init__(self, history: History, keys: tuple[str, ...]):
+    def __init__(self, history: History | None, keys: tuple[str, ...]):
         self.history, self.keys = history, keys
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         picked = {k: v for k, v in (logs or {}).items() if k in self.keys}
         if "loss" in picked:
             check_finite(state.global_step, loss=picked["loss"])
-        if picked:
+        if picked and self.history is not None:
             self.history.log(state.global_step, picked)
 
 
@@ -127,14 +130,25 @@ def checkpoint_step(checkpoint: str | Path | None) -> int:
 
 def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> float:
     """`trainer.train()` with the trainable params in the compute dtype, resumed from the stage's last
-    complete checkpoint if there is one; returns the training seconds, counted across resumes (Timer)."""
-    resume = last_checkpoint(paths.checkpoints(stage), getattr(config, stage).max_steps)
-    timer = Timer(paths.checkpoints(stage), checkpoint_step(resume))
+    complete checkpoint if there is one; returns the training seconds, counted across resumes (Timer).
+    A SIGTERM during training saves a checkpoint after the current step and raises Preempted (preemption.py)."""
+    folder, max_steps = paths.checkpoints(stage), getattr(config, stage).max_steps
+    resume = last_checkpoint(folder, max_steps)
+    timer = Timer(folder, checkpoint_step(resume), record=trainer.args.should_save)
     match_trainable_dtype(trainer.model, config)
     trainer.add_callback(TrainableDtypeCallback(config))
     trainer.add_callback(TimerCallback(timer))
-    with timer:
+    if trainer.args.world_size > 1 and trainer.args.should_save:
+        args = trainer.args
+        print(f"{stage}: {args.world_size} processes, each {args.per_device_train_batch_size} samples x "
+              f"{args.gradient_accumulation_steps} accumulation steps: {batch_metrics(trainer)['effective_batch']} per step")
+    with SigtermFlag() as sigterm, timer:
+        preemption = PreemptionCallback(sigterm)
+        trainer.add_callback(preemption)
         trainer.train(resume_from_checkpoint=resume)
+    if preemption.stopped_at is not None or sigterm.received:
+        # the checkpoint a re-run resumes from: the one just saved, or before it if training had reached max_steps
+        raise stopped(stage, trainer.state.global_step, last_checkpoint(folder, max_steps))
     return timer.seconds
 
 
@@ -151,11 +165,13 @@ class TrainableDtypeCallback(TrainerCallback):
 
 
 def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
-    """TrainingArguments shared by the SFT and reward stages."""
+    """TrainingArguments shared by the SFT and reward stages; the batch shared out over the launched
+    processes with the params' effective batch kept (distributed.split_batch)."""
     train = getattr(config, stage)
+    batch = distributed.split_batch(stage, train.batch_size, train.gradient_accumulation_steps)
     return dict(
         output_dir=str(paths.checkpoints(stage)), max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_process_batch, gradient_accumulation_steps=batch.accumulation,
         learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps), lr_scheduler_type="cosine",
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=2, save_strategy="steps",
         optim=config.model.optimizer, activation_checkpointing=config.model.gradient_checkpointing,
@@ -163,6 +179,13 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
         seed=config.run.seed, data_seed=config.run.seed, report_to="none", max_length=config.data.max_length,
         dataloader_num_workers=0, remove_unused_columns=True, use_cpu=not torch.cuda.is_available(),
     )
+
+
+def batch_metrics(trainer) -> dict[str, int]:
+    """The batch the Trainer ran with, from its own arguments: what a multi-process run must keep equal."""
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return {"effective_batch": per_step * args.world_size, "processes": args.world_size}
 
 
 @torch.no_grad()
@@ -257,13 +280,13 @@ class Timer:
     seconds.jsonl; a run resumed from step N starts from step N's total. Steps lost to a kill, after
     the last checkpoint, are not counted: `seconds` is the time of the steps that made the outputs."""
 
-    def __init__(self, checkpoints: Path, resumed_step: int = 0):
+    def __init__(self, checkpoints: Path, resumed_step: int = 0, record: bool = True):
         self.file = Path(checkpoints) / "seconds.jsonl"
-        self.before = 0.0
+        self.before, self.record = 0.0, record  # record: False in all but one process of a distributed run
         if resumed_step:
             totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}  # the latest run's, for a re-run step
             self.before = totals.get(resumed_step, 0.0)
-        else:  # a fresh start: totals left by an earlier run are stale
+        elif record:  # a fresh start: totals left by an earlier run are stale
             self.file.unlink(missing_ok=True)
 
     def __enter__(self):
@@ -277,7 +300,8 @@ class Timer:
         return self.before + time.perf_counter() - self.start
 
     def step_done(self, step: int) -> None:
-        append_jsonl(self.file, {"step": step, "seconds": round(self.elapsed(), 2)})
+        if self.record:
+            append_jsonl(self.file, {"step": step, "seconds": round(self.elapsed(), 2)})
 
 
 class TimerCallback(TrainerCallback):

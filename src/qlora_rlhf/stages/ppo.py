@@ -28,6 +28,7 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..config import Config, PPOConfig
 from ..data import read_split
 from ..paths import RunPaths
+from ..preemption import SigtermFlag, stopped
 from ..training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, save_adapter, seed_everything,
                        write_metrics)
 
@@ -248,8 +249,8 @@ def run(config: Config, paths: RunPaths) -> dict:
         state = read_json(resume / "state.json")
         start, kl = state["step"], KLController(cfg, state.get("kl_coef"))
         print(f"ppo: resuming from {resume} (step {start})")
-    history = History(paths, "ppo")
-    with Timer(root, start) as timer:
+    history, step = History(paths, "ppo"), start
+    with SigtermFlag() as sigterm, Timer(root, start) as timer:  # SIGTERM: finish the step, save it, stop
         for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
             torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
             batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg, kl.value)
@@ -266,8 +267,12 @@ def run(config: Config, paths: RunPaths) -> dict:
             history.log(step, metrics)
             kl.update(metrics["kl"], cfg.batch_size)
             timer.step_done(step)
-            if step % cfg.save_steps == 0 or step == cfg.steps:
+            if step % cfg.save_steps == 0 or step == cfg.steps or sigterm.received:
                 save_checkpoint(ac, optimizer, kl, step, root)
+            if sigterm.received:
+                break
+    if sigterm.received:
+        raise stopped("ppo", step, latest_checkpoint(root))
     with atomic_dir(paths.ppo) as out:
         save_policy(ac, out)
     curve = history.write_csv(paths.metrics / "ppo_history.csv")

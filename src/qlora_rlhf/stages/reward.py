@@ -11,13 +11,14 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..atomic import atomic_dir
 from ..config import Config
 from ..data import read_split
 from ..models import load_model, load_tokenizer, lora_config
 from ..paths import HELD_OUT_MARGINS, RunPaths
 from ..tokens import left_pad, positions, sequence_ids
-from ..training import (History, HistoryCallback, checkpoints_for, require, save_adapter, seed_everything,
+from ..training import (History, HistoryCallback, batch_metrics, checkpoints_for, require, save_adapter, seed_everything,
                        train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 
@@ -54,6 +55,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     seed_everything(config)
+    args = RewardConfig(**trainer_args(config, paths, "rm"), disable_dropout=True)  # checks the batch split
+    main = distributed.is_main()  # under `accelerate launch`: the one process that measures and writes
     sft_model = require(paths.sft / "merged", "sft")
     require(paths.split("rm"), "data")
     tokenizer = load_tokenizer(sft_model)
@@ -61,13 +64,16 @@ def run(config: Config, paths: RunPaths) -> dict:
     held_out = read_split(paths, "eval")
 
     model = load_model(sft_model, config, tokenizer.pad_token_id, kind="score")
-    checkpoints_for(paths, "rm", config, [paths.split("rm"), paths.sft / "adapter" / "adapter_model.safetensors"])
-    history = History(paths, "rm")
-    args = RewardConfig(**trainer_args(config, paths, "rm"), disable_dropout=True)
+    with args.main_process_first(local=False, desc="checkpoint folder"):  # emptied by one process, before any reads it
+        if main:
+            checkpoints_for(paths, "rm", config, [paths.split("rm"), paths.sft / "adapter" / "adapter_model.safetensors"])
+    history = History(paths, "rm") if main else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                             peft_config=lora_config(config, task_type="SEQ_CLS"),
                             callbacks=[HistoryCallback(history, ("loss", "accuracy", "margin"))])
     seconds = train_resumably(trainer, config, paths, "rm")
+    if not main:
+        return {}
     margins = pairwise(trainer.model, tokenizer, held_out)
 
     with atomic_dir(paths.rm) as out:
@@ -79,6 +85,7 @@ def run(config: Config, paths: RunPaths) -> dict:
         "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),
         **train_loss_ends(curve),
         "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), "eval_pairs": len(margins),
+        **batch_metrics(trainer),
     }
     write_metrics(paths, "rm", metrics, config)
     print(f"rm: held-out accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:.3f}")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from datasets import Dataset
 
+from .. import distributed
 from ..atomic import atomic_dir, write_json
 from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model, load_tokenizer, lora_config
 from ..paths import HELD_OUT_PERPLEXITY, RunPaths
-from ..training import (History, HistoryCallback, checkpoints_for, completion_perplexity, merge_adapter,
+from ..training import (History, HistoryCallback, batch_metrics, checkpoints_for, completion_perplexity, merge_adapter,
                        require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
 
 
@@ -21,6 +22,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     seed_everything(config)
+    args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)  # checks the batch split
+    main = distributed.is_main()  # under `accelerate launch`: the one process that measures and writes
     base = base_location(paths)
     tokenizer = load_tokenizer(base)
     require(paths.split("sft"), "data")
@@ -29,13 +32,16 @@ def run(config: Config, paths: RunPaths) -> dict:
     prompts, chosen = [r["prompt"] for r in held_out], [r["chosen"] for r in held_out]
 
     model = load_model(base, config, tokenizer.pad_token_id, kind="causal")
-    perplexity_base = completion_perplexity(model, tokenizer, prompts, chosen)
-    checkpoints_for(paths, "sft", config, [paths.split("sft")])
-    history = History(paths, "sft")
-    args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)
+    perplexity_base = completion_perplexity(model, tokenizer, prompts, chosen) if main else None
+    with args.main_process_first(local=False, desc="checkpoint folder"):  # emptied by one process, before any reads it
+        if main:
+            checkpoints_for(paths, "sft", config, [paths.split("sft")])
+    history = History(paths, "sft") if main else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=lora_config(config), callbacks=[HistoryCallback(history, ("loss",))])
     seconds = train_resumably(trainer, config, paths, "sft")
+    if not main:
+        return {}
 
     with atomic_dir(paths.sft) as out:
         save_adapter(trainer.model, out / "adapter")
@@ -51,7 +57,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     curve = history.write_csv(paths.metrics / "sft_history.csv")
     metrics = {
         **perplexity, **train_loss_ends(curve),
-        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1),
+        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), **batch_metrics(trainer),
     }
     write_metrics(paths, "sft", metrics, config)
     print(f"sft: held-out perplexity {perplexity_base:.2f} -> {perplexity_sft:.2f}; adapter in {paths.sft}")
