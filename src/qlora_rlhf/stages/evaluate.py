@@ -115,6 +115,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     sft_model = require(paths.sft / "merged", "sft")
     ac = ActorCritic.load(config, sft_model, require(paths.rm / "adapter", "rm"),
                           policy_adapter=require(paths.ppo / "adapter", "ppo"), trainable=False)
+    ac.model.eval()  # no adapter's dropout in any forward (the reward adapter keeps the RM's)
     tok = ac.tokenizer
     evaluated_by_run = paths.main.eval / "generations.csv" if paths.shared_root else None
     base = None if evaluated_by_run else load_model(base_location(paths), config, tok.pad_token_id, kind="causal",

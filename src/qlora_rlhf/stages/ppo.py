@@ -161,6 +161,9 @@ def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig, kl_coef: float 
     """Sample, score and compute advantages for one step; kl_coef: the controller's value (default ppo.kl_coef)."""
     kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
     tok = ac.tokenizer
+    # Every rollout forward without dropout: the previous update left the model in train mode, and the
+    # reward adapter keeps the RM's LoRA dropout (a dense sampler's generate would not reset the mode).
+    ac.model.eval()
     query, query_mask, response = ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
     resp_mask = response_mask(response, tok.eos_token_id)
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
