@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from dag import load_stages, snakemake_inputs  # noqa: E402
+from dvc_record import RecordError, ran_stages, record  # noqa: E402
 
 configfile: "params.yaml"
 
@@ -22,3 +23,14 @@ rule all:
 
 
 include: "workflow/rules/stages.smk"
+
+
+# One record per results folder: the stages this run executed go into dvc.lock and DVC's cache, as
+# `dvc repro` would have written them (workflow/dvc_record.py). Not after --touch, which runs nothing.
+onsuccess:
+    if not workflow.touch:
+        try:
+            record(workflow.basedir, ran_stages(workflow, STAGES))
+        except RecordError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)

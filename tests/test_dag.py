@@ -257,3 +257,41 @@ def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path,
     assert run("seeds") == set()
     _set_param(root, "ppo", "kl_coef", 0.123)
     assert run("seeds") == RERUN_AFTER_KL_COEF | SEEDS_AFTER_KL_COEF
+
+
+def _out(root: Path, env: dict, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_one_results_folder_both_doors(scratch, tmp_path):
+    """Snakemake records the stages it ran in dvc.lock (Snakefile's onsuccess, workflow/dvc_record.py),
+    and DVC does not see its .snakemake_timestamp files (.dvcignore): after a Snakemake run `dvc status`
+    is clean and `dvc repro` runs nothing, also after a param change; after `dvc repro` `snakemake -n`
+    has nothing to do (stand-in stage commands; seconds)."""
+    root = tmp_path / "both"
+    env = _fake_project(root, scratch)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    dvc, smk = _tool("dvc"), _tool("snakemake")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+
+    def clean(target: str = "paper") -> bool:  # the target and every stage upstream of it
+        return "Data and pipelines are up to date" in _out(root, env, dvc, "status", target)
+
+    _out(root, env, smk, "--cores", "1")
+    assert set(_ran(root)) == SINGLE_SEED
+    assert list(root.glob("results/*/sft/.snakemake_timestamp"))  # there, and invisible to DVC
+    assert clean()
+    _out(root, env, dvc, "repro", "paper")
+    assert _ran(root) == []
+    _set_param(root, "ppo", "kl_coef", 0.321)
+    assert not clean()
+    _out(root, env, smk, "--cores", "1")
+    assert set(_ran(root)) == RERUN_AFTER_KL_COEF
+    assert clean()
+    assert "Nothing to be done" in _out(root, env, smk, "-n")
+
+    _out(root, env, dvc, "repro", "seeds")
+    assert set(_ran(root)) == SEED_STUDY
+    assert "Nothing to be done" in _out(root, env, smk, "-n", "seeds")
