@@ -26,11 +26,21 @@ include: "workflow/rules/stages.smk"
 
 
 # One record per results folder: the stages this run executed go into dvc.lock and DVC's cache, as
-# `dvc repro` would have written them (workflow/dvc_record.py). Not after --touch, which runs nothing.
+# `dvc repro` would have written them (workflow/dvc_record.py); after a failure, those that finished.
+# Not after --touch, which runs nothing.
+def _record_in_dvc():
+    if workflow.touch:
+        return
+    try:
+        record(workflow.basedir, ran_stages(workflow, STAGES))
+    except RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 onsuccess:
-    if not workflow.touch:
-        try:
-            record(workflow.basedir, ran_stages(workflow, STAGES))
-        except RecordError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+    _record_in_dvc()
+
+
+onerror:
+    _record_in_dvc()

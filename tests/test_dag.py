@@ -177,8 +177,9 @@ def test_only_the_reports_read_metrics_files(scratch):
 
 
 FAKE_STAGE = '''
-"""Stand-in for `python -m qlora_rlhf <verb>`: writes the stage's outputs (fresh content each run)."""
-import sys, uuid
+"""Stand-in for `python -m qlora_rlhf <verb>`: writes the stage's outputs (fresh content each run),
+or fails if FAIL_STAGE names the stage."""
+import os, sys, uuid
 from pathlib import Path
 import yaml
 sys.path.insert(0, "workflow")
@@ -186,6 +187,8 @@ from dag import load_stages
 command = " ".join(["python -m qlora_rlhf", *sys.argv[1:]])
 stages = load_stages("dvc.yaml", yaml.safe_load(Path("params.yaml").read_text())).values()
 stage = next(s for s in stages if s.cmd == command)
+if os.environ.get("FAIL_STAGE") == stage.name:
+    sys.exit(f"{stage.name}: failing as asked")
 token = uuid.uuid4().hex
 for out in stage.outs:
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -266,10 +269,10 @@ def _out(root: Path, env: dict, *cmd: str) -> str:
 
 
 def test_one_results_folder_both_doors(scratch, tmp_path):
-    """Snakemake records the stages it ran in dvc.lock (Snakefile's onsuccess, workflow/dvc_record.py),
-    and DVC does not see its .snakemake_timestamp files (.dvcignore): after a Snakemake run `dvc status`
-    is clean and `dvc repro` runs nothing, also after a param change; after `dvc repro` `snakemake -n`
-    has nothing to do (stand-in stage commands; seconds)."""
+    """Snakemake records the stages it ran in dvc.lock (the Snakefile's onsuccess/onerror,
+    workflow/dvc_record.py), and DVC does not see its .snakemake_timestamp files (.dvcignore): after a
+    Snakemake run `dvc status` is clean and `dvc repro` runs nothing, also after a failed run and after
+    a param change; after `dvc repro` `snakemake -n` has nothing to do (stand-in stages; seconds)."""
     root = tmp_path / "both"
     env = _fake_project(root, scratch)
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
@@ -279,8 +282,13 @@ def test_one_results_folder_both_doors(scratch, tmp_path):
     def clean(target: str = "paper") -> bool:  # the target and every stage upstream of it
         return "Data and pipelines are up to date" in _out(root, env, dvc, "status", target)
 
+    failed = subprocess.run([smk, "--cores", "1"], cwd=root, env=env | {"FAIL_STAGE": "evaluate"},
+                            capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert set(_ran(root)) == {"data", "base", "sft", "rm", "ppo"}
+    assert clean("ppo") and not clean()  # what finished before the failure is recorded
     _out(root, env, smk, "--cores", "1")
-    assert set(_ran(root)) == SINGLE_SEED
+    assert set(_ran(root)) == {"evaluate", "figures", "paper"}
     assert list(root.glob("results/*/sft/.snakemake_timestamp"))  # there, and invisible to DVC
     assert clean()
     _out(root, env, dvc, "repro", "paper")

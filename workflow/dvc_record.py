@@ -1,8 +1,8 @@
 """Record the stages a Snakemake run executed in DVC's lock, so that one results folder has one
 record whichever front door built it.
 
-After a successful run, the Snakefile's `onsuccess` handler calls `record`: for exactly the jobs
-Snakemake ran (not those it found up to date), `dvc commit --force --no-relink <stage>...` hashes
+After a run, the Snakefile's `onsuccess` and `onerror` handlers call `record`: for exactly the jobs
+Snakemake ran to the end (not those it found up to date, nor those that failed), `dvc commit --force --no-relink <stage>...` hashes
 the stage's deps and outs as they are now, writes them to dvc.lock, stores the outs in DVC's cache
 (for `dvc push`) and adds a run-cache entry. That is what `dvc repro` itself writes after running
 the same command on the same deps. Stages Snakemake did not run are left as DVC last recorded them:
@@ -25,9 +25,11 @@ class RecordError(RuntimeError):
 
 
 def ran_stages(workflow, stages: dict) -> list[str]:
-    """DVC stage names of the jobs this Snakemake run executed (in DAG order)."""
+    """DVC stage names of the jobs this Snakemake run executed to the end (in DAG order); after a
+    failed run, those that finished before the failure."""
+    dag = workflow.dag
     by_rule = {stage.rule_name: name for name, stage in stages.items()}
-    ran = {job.rule.name for job in workflow.dag.needrun_jobs(exclude_finished=False)}
+    ran = {job.rule.name for job in dag.needrun_jobs(exclude_finished=False) if dag.finished(job)}
     return [name for rule, name in by_rule.items() if rule in ran]
 
 
