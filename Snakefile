@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from dag import load_stages, snakemake_inputs  # noqa: E402
+from dvc_record import RecordError, ran_stages, record  # noqa: E402
 
 configfile: "params.yaml"
 
@@ -22,3 +23,24 @@ rule all:
 
 
 include: "workflow/rules/stages.smk"
+
+
+# One record per results folder: the stages this run executed go into dvc.lock and DVC's cache, as
+# `dvc repro` would have written them (workflow/dvc_record.py); after a failure, those that finished.
+# Not after --touch, which runs nothing.
+def _record_in_dvc():
+    if workflow.touch:
+        return
+    try:
+        record(workflow.basedir, ran_stages(workflow, STAGES))
+    except RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+onsuccess:
+    _record_in_dvc()
+
+
+onerror:
+    _record_in_dvc()

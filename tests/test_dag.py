@@ -177,8 +177,9 @@ def test_only_the_reports_read_metrics_files(scratch):
 
 
 FAKE_STAGE = '''
-"""Stand-in for `python -m qlora_rlhf <verb>`: writes the stage's outputs (fresh content each run)."""
-import sys, uuid
+"""Stand-in for `python -m qlora_rlhf <verb>`: writes the stage's outputs (fresh content each run),
+or fails if FAIL_STAGE names the stage."""
+import os, sys, uuid
 from pathlib import Path
 import yaml
 sys.path.insert(0, "workflow")
@@ -186,6 +187,8 @@ from dag import load_stages
 command = " ".join(["python -m qlora_rlhf", *sys.argv[1:]])
 stages = load_stages("dvc.yaml", yaml.safe_load(Path("params.yaml").read_text())).values()
 stage = next(s for s in stages if s.cmd == command)
+if os.environ.get("FAIL_STAGE") == stage.name:
+    sys.exit(f"{stage.name}: failing as asked")
 token = uuid.uuid4().hex
 for out in stage.outs:
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -257,3 +260,46 @@ def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path,
     assert run("seeds") == set()
     _set_param(root, "ppo", "kl_coef", 0.123)
     assert run("seeds") == RERUN_AFTER_KL_COEF | SEEDS_AFTER_KL_COEF
+
+
+def _out(root: Path, env: dict, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_one_results_folder_both_doors(scratch, tmp_path):
+    """Snakemake records the stages it ran in dvc.lock (the Snakefile's onsuccess/onerror,
+    workflow/dvc_record.py), and DVC does not see its .snakemake_timestamp files (.dvcignore): after a
+    Snakemake run `dvc status` is clean and `dvc repro` runs nothing, also after a failed run and after
+    a param change; after `dvc repro` `snakemake -n` has nothing to do (stand-in stages; seconds)."""
+    root = tmp_path / "both"
+    env = _fake_project(root, scratch)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    dvc, smk = _tool("dvc"), _tool("snakemake")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+
+    def clean(target: str = "paper") -> bool:  # the target and every stage upstream of it
+        return "Data and pipelines are up to date" in _out(root, env, dvc, "status", target)
+
+    failed = subprocess.run([smk, "--cores", "1"], cwd=root, env=env | {"FAIL_STAGE": "evaluate"},
+                            capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert set(_ran(root)) == {"data", "base", "sft", "rm", "ppo"}
+    assert clean("ppo") and not clean()  # what finished before the failure is recorded
+    _out(root, env, smk, "--cores", "1")
+    assert set(_ran(root)) == {"evaluate", "figures", "paper"}
+    assert list(root.glob("results/*/sft/.snakemake_timestamp"))  # there, and invisible to DVC
+    assert clean()
+    _out(root, env, dvc, "repro", "paper")
+    assert _ran(root) == []
+    _set_param(root, "ppo", "kl_coef", 0.321)
+    assert not clean()
+    _out(root, env, smk, "--cores", "1")
+    assert set(_ran(root)) == RERUN_AFTER_KL_COEF
+    assert clean()
+    assert "Nothing to be done" in _out(root, env, smk, "-n")
+
+    _out(root, env, dvc, "repro", "seeds")
+    assert set(_ran(root)) == SEED_STUDY
+    assert "Nothing to be done" in _out(root, env, smk, "-n", "seeds")

@@ -1,11 +1,14 @@
 """The real DAG end to end on a tiny model through both front doors (about 5 minutes on 2 cores):
 `dvc repro paper` (make run) builds every table, figure and the paper; `dvc repro seeds` adds each
-PPO seed's run and the across-seed report; a second `dvc repro paper` does nothing; a PPO param
-change reruns only ppo and what follows; an SFT param change reruns sft onwards;
-`snakemake --cores 1 figures` on a fresh copy makes the same figures."""
+PPO seed's run and the across-seed report; Snakemake then has nothing to do; a second `dvc repro
+paper` does nothing; a PPO param change reruns only ppo and what follows; an SFT param change reruns
+sft onwards. `snakemake --cores 1 figures` on a fresh copy makes the same figures, `snakemake` adds
+the paper, and DVC then finds that folder up to date; its outputs pushed to a DVC remote reach a
+git clone through `dvc pull` (or the run cache), where `dvc repro` runs nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -19,11 +22,13 @@ import yaml
 from conftest import REPO, smoke_params
 
 BIN = Path(sys.executable).parent
+SINGLE_RUN = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
 DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", "rm", "ppo", "evaluate", "figures", "paper"}}
 
 
 def _project(root: Path, model_dir: Path) -> Path:
-    for name in ("dvc.yaml", "Snakefile"):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "Snakefile", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     for name in ("workflow", "paper", "src", "data"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -52,6 +57,10 @@ def _reran(root: Path) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", _run(root, str(BIN / "dvc"), "repro", "paper")))
 
 
+def _nothing_to_do(root: Path, *targets: str) -> bool:
+    return "Nothing to be done" in _run(root, str(BIN / "snakemake"), "-n", *targets)
+
+
 def _set(root: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params[section][key] = value
@@ -71,6 +80,7 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
         assert (run / "paper" / "paper.pdf").stat().st_size > 0
     assert "sft.json" in _run(root, str(BIN / "dvc"), "metrics", "show")
     assert not (run / "seeds").exists()  # the seed study is its own target
+    assert _nothing_to_do(root)  # the other front door agrees: the folder DVC built is up to date
 
     seeds = yaml.safe_load((root / "params.yaml").read_text())["seeds"]["ppo"]
     ran = set(re.findall(r"Running stage '([^']+)'", _run(root, str(BIN / "dvc"), "repro", "seeds")))
@@ -81,6 +91,7 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     if shutil.which("latexmk"):
         assert (run / "seed_study" / "paper" / "paper.pdf").stat().st_size > 0
 
+    assert _nothing_to_do(root, "seeds")
     assert _reran(root) == set()  # nothing changed: nothing reruns
     _set(root, "ppo", "kl_coef", 0.2)
     assert _reran(root) == DOWNSTREAM_OF["ppo"]
@@ -88,11 +99,67 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     assert _reran(root) == DOWNSTREAM_OF["sft"]
 
 
+NOT_OUTPUTS = {"checkpoints", "dvclive"}  # written beside the outputs, never pushed
+MARKERS = {".snakemake_timestamp", ".gitignore"}  # one door's bookkeeping, not a stage's output
+
+
+def _outputs(run: Path) -> dict[str, tuple[str, int]]:
+    """Every file the stages wrote under run/: path -> (sha256, mtime in ns)."""
+    return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name not in MARKERS and p.relative_to(run).parts[0] not in NOT_OUTPUTS}
+
+
+def _contents(outputs: dict[str, tuple[str, int]]) -> dict[str, str]:
+    return {name: digest for name, (digest, _) in outputs.items()}
+
+
 @pytest.mark.slow
-def test_snakemake_figures_on_a_fresh_copy(tmp_path, tiny_model_dir):
-    root = _project(tmp_path, tiny_model_dir)
-    _run(root, str(BIN / "snakemake"), "--cores", "1", "figures")
-    figures = root / "results" / "smoke" / "figures"
-    assert list(figures.glob("*.png")) and list(figures.glob("*.pdf"))
-    assert not (root / "results" / "smoke" / "paper").exists()  # the figures target stops before the paper
-    assert "Nothing to be done" in _run(root, str(BIN / "snakemake"), "--cores", "1", "figures")
+def test_snakemake_run_is_dvcs_and_travels_through_a_remote(tmp_path, tiny_model_dir):
+    """One results folder, both front doors, then shared: Snakemake builds the run (figures, then the
+    paper) and records it in dvc.lock, so `dvc status` is clean and `dvc repro` runs nothing; `dvc push
+    --run-cache` to a local folder remote; a git clone gets every output with `dvc pull`, and `dvc repro`
+    there trains nothing; without dvc.lock, `dvc repro --pull` restores each stage from the run cache."""
+    root = _project(tmp_path / "project", tiny_model_dir)
+    smk, dvc = str(BIN / "snakemake"), str(BIN / "dvc")
+    _run(root, smk, "--cores", "1", "figures")
+    run = root / "results" / "smoke"
+    assert list((run / "figures").glob("*.png")) and list((run / "figures").glob("*.pdf"))
+    assert not (run / "paper").exists()  # the figures target stops before the paper
+    assert (run / "figures" / ".snakemake_timestamp").exists()  # DVC does not see it (.dvcignore)
+    assert "Data and pipelines are up to date" in _run(root, dvc, "status", "figures")
+    _run(root, smk, "--cores", "1")  # the default target: only the paper is left to run
+    assert (run / "paper" / "macros.tex").stat().st_size > 0
+    assert "Nothing to be done" in _run(root, smk, "--cores", "1")
+    assert "Data and pipelines are up to date" in _run(root, dvc, "status", "paper")
+    assert _reran(root) == set()
+    built = _outputs(run)
+    assert any(name.startswith("sft/") for name in built) and "metrics/sft.json" in built
+
+    remote = tmp_path / "remote"  # users: s3://bucket/path or ssh://host/path (docs/reviewers.md)
+    _run(root, dvc, "remote", "add", "--default", "shared", str(remote))
+    _run(root, dvc, "push", "--run-cache")
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    _run(root, "git", "add", "dvc.lock", ".dvc/config")
+    _run(root, "git", *identity, "commit", "-qm", "the run's record and its remote")
+
+    clone = tmp_path / "clone"
+    _run(tmp_path, "git", "clone", "-q", str(root), str(clone))
+    pulled = clone / "results" / "smoke"
+    _run(clone, dvc, "pull", "--with-deps", "paper")  # this run has no seed study: the paper and what it needs
+    before = _outputs(pulled)
+    assert _contents(before) == _contents(built)
+    assert "Data and pipelines are up to date" in _run(clone, dvc, "status", "paper")
+    assert _reran(clone) == set()
+    assert _outputs(pulled) == before  # nothing rewritten
+    assert not (pulled / "checkpoints").exists()  # nothing trained
+
+    # A run that dvc.lock does not record (as the paper profile's, pushed from another params.yaml):
+    # the run cache holds each stage's outputs under its command, deps and params.
+    shutil.rmtree(pulled)
+    shutil.rmtree(clone / ".dvc" / "cache")
+    (clone / "dvc.lock").unlink()
+    restored = _run(clone, dvc, "repro", "--pull", "paper")
+    assert "Running stage" not in restored
+    assert set(re.findall(r"Stage '([^']+)' is cached - skipping run", restored)) == SINGLE_RUN
+    assert _contents(_outputs(pulled)) == _contents(built)
