@@ -4,12 +4,17 @@ tokenizer, and a helper that writes a small valid params file pointing at it."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +71,37 @@ def write_params(tmp_path, tiny_model_dir):
         return path
 
     return _write
+
+
+def scratch_env() -> dict:
+    """The environment of a scratch project's commands: this venv's tools, this checkout's code, offline."""
+    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = str(REPO / "src")
+    return env
+
+
+def scratch_project(root: Path, model_dir: Path, **overrides) -> Path:
+    """A copy of the project's DAG (dvc.yaml, Snakefile, workflow/, code) in `root`, a git repo with one
+    commit and DVC initialised, whose params.yaml is the smoke profile on `model_dir` (with overrides)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "Snakefile", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("workflow", "paper", "src", "data"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(model_dir, "results", **overrides)))
+    env = scratch_env()
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", *identity, "commit", "-qm", "scratch"]):  # DVCLive needs a repo with a commit, as a clone has
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    return root
+
+
+def run_ok(root: Path, *cmd: str, env: dict | None = None, timeout: float | None = None) -> str:
+    """Run a command in `root`; fail the test with its output's tail unless it exits 0 (within `timeout` s)."""
+    done = subprocess.run(cmd, cwd=root, env=env or scratch_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="session")

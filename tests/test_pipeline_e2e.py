@@ -9,48 +9,19 @@ git clone through `dvc pull` (or the run cache), where `dvc repro` runs nothing.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, smoke_params
+from conftest import BIN
+from conftest import run_ok as _run
+from conftest import scratch_project as _project
 
-BIN = Path(sys.executable).parent
 SINGLE_RUN = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
 DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", "rm", "ppo", "evaluate", "figures", "paper"}}
-
-
-def _project(root: Path, model_dir: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "Snakefile", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for name in ("workflow", "paper", "src", "data"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(model_dir, "results")))
-    env = _env()
-    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", *identity, "commit", "-qm", "scratch"]):  # DVCLive needs a repo with a commit, as a clone has
-        subprocess.run(cmd, cwd=root, check=True, env=env)
-    return root
-
-
-def _env() -> dict:
-    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = str(REPO / "src")
-    return env
-
-
-def _run(root: Path, *cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 def _reran(root: Path) -> set[str]:
