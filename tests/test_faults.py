@@ -37,6 +37,16 @@ def _copy_inputs(pipeline_paths, run: Path, stage: str) -> None:
         shutil.copytree(pipeline_paths.root / needed, run / needed)
 
 
+def _stage_inputs(pipeline, tmp_path: Path, tiny_model_dir: Path, stage: str, overrides: dict) -> tuple[Path, Path]:
+    """(run folder, params file) for running `stage` alone as a subprocess: the pipeline's inputs copied in."""
+    _, paths, _ = pipeline
+    run = tmp_path / "results" / "smoke"
+    _copy_inputs(paths, run, stage)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **overrides)))
+    return run, params
+
+
 def _history_steps(run: Path, stage: str) -> list[int]:
     return [row["step"] for row in read_jsonl(run / "checkpoints" / stage / "history.jsonl")]
 
@@ -44,11 +54,7 @@ def _history_steps(run: Path, stage: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
 def test_kill_minus_nine_then_rerun_resumes_and_completes(stage, pipeline, tmp_path, tiny_model_dir):
-    _, paths, _ = pipeline
-    run = tmp_path / "results" / "smoke"
-    _copy_inputs(paths, run, stage)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **LONG[stage])))
+    run, params = _stage_inputs(pipeline, tmp_path, tiny_model_dir, stage, LONG[stage])
 
     proc = subprocess.Popen(_cli(params, stage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -201,11 +207,7 @@ PREEMPT = {"sft": {"sft.max_steps": 12, "sft.save_steps": 1000, "sft.logging_ste
 
 @pytest.mark.parametrize("stage", ["sft", "ppo"])  # rm shares sft's Trainer path (training.train_resumably)
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes_from_it(stage, pipeline, tmp_path, tiny_model_dir):
-    _, paths, _ = pipeline
-    run = tmp_path / "results" / "smoke"
-    _copy_inputs(paths, run, stage)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, tmp_path / "results", **PREEMPT[stage])))
+    run, params = _stage_inputs(pipeline, tmp_path, tiny_model_dir, stage, PREEMPT[stage])
     history = run / "checkpoints" / stage / "history.jsonl"
 
     proc = subprocess.Popen(_cli(params, stage), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
