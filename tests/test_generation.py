@@ -127,3 +127,11 @@ def test_memory_plan_counts_the_dense_copy_in_generation(engine):
         assert ppo["dense_sampler_copy"] == arch.total_params * 2
     else:
         assert "dense_sampler_copy" not in ppo
+
+
+def test_auto_samples_densely_in_16_bit_and_through_peft_in_float32():
+    from qlora_rlhf.generation import resolve_engine
+
+    assert resolve_engine("auto", torch.bfloat16) == "dense" and resolve_engine("auto", torch.float16) == "dense"
+    assert resolve_engine("auto", torch.float32) == "peft"
+    assert resolve_engine("dense", torch.float32) == "dense" and resolve_engine("peft", torch.bfloat16) == "peft"

@@ -50,9 +50,10 @@ class ModelConfig(_Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         description="auto: bfloat16 where the hardware runs it natively, else float32 (precision.py)")
     lora: LoraConfig
-    generation: Literal["dense", "peft"] = Field(
-        default="dense", description="sample from a dense copy with the adapter merged, or from the NF4 model "
-                                     "and its adapters as peft runs them (generation.py)")
+    generation: Literal["auto", "dense", "peft"] = Field(
+        default="auto", description="sample from a dense copy with the adapter merged, or from the NF4 model "
+                                    "and its adapters as peft runs them; auto: dense in a 16-bit compute dtype, "
+                                    "peft in float32 (generation.py)")
     gradient_checkpointing: bool
     optimizer: Literal["paged_adamw_8bit", "adamw_torch"]
 

@@ -1,4 +1,5 @@
-"""Where samples are drawn from (`model.generation`): the policy as peft runs it, or a dense copy of it.
+"""Where samples are drawn from (`model.generation`): the policy as peft runs it, or a dense copy of it
+(`auto`: the copy in a 16-bit compute dtype, peft's path in float32; `resolve_engine`).
 
 - `peft`: the NF4 model with its LoRA modules. Every decoding step de-quantizes every 4-bit weight
   again (bitsandbytes' fast 4-bit kernel serves a single token only) and adds each LoRA module's
@@ -24,6 +25,15 @@ import torch
 from torch import nn
 
 ENGINES = ("dense", "peft")
+
+
+def resolve_engine(requested: str, dtype: torch.dtype) -> str:
+    """model.generation with `auto` resolved: the dense copy in a 16-bit compute dtype, where it halves
+    sampling time on a CPU; peft's NF4 path in float32, where a dense float32 copy is four times the
+    bytes to stream per decoding step and measured no faster (docs/findings.md)."""
+    if requested != "auto":
+        return requested
+    return "peft" if dtype == torch.float32 else "dense"
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
@@ -89,8 +99,8 @@ def dense_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 @contextmanager
 def sampling_model(model: nn.Module, engine: str, dtype: torch.dtype):
     """The model to call `generate` on: `model` itself (`peft`), or its dense copy (`dense`), released
-    on exit so that a GPU has the memory back before the next phase."""
-    if engine == "peft":
+    on exit so that a GPU has the memory back before the next phase. `engine` may be `auto` (resolve_engine)."""
+    if resolve_engine(engine, dtype) == "peft":
         yield model
         return
     from .models import contiguous_lm_head_input
