@@ -24,16 +24,11 @@ from itertools import chain
 import torch
 from torch import nn
 
-ENGINES = ("dense", "peft")
-
-
 def resolve_engine(requested: str, dtype: torch.dtype) -> str:
-    """model.generation with `auto` resolved: the dense copy in a 16-bit compute dtype, where it halves
-    sampling time on a CPU; peft's NF4 path in float32, where a dense float32 copy is four times the
-    bytes to stream per decoding step and measured no faster (docs/findings.md)."""
-    if requested != "auto":
-        return requested
-    return "peft" if dtype == torch.float32 else "dense"
+    """model.generation with `auto` resolved for a compute dtype (precision.generation_engine, the one rule)."""
+    from . import precision
+
+    return precision.generation_engine(requested, str(dtype).removeprefix("torch."))
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:

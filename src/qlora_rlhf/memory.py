@@ -271,7 +271,7 @@ def generation_phase(config: Config, arch: Architecture) -> dict[str, float]:
     computes in. A dense sampler (generation.py) is a whole copy of the model in the compute dtype,
     with the residual stream in that dtype too; peft's runs the NF4 model itself."""
     cfg, cbytes = config.ppo, DTYPE_BYTES[config.model.compute_dtype]
-    dense = config.model.generation == "dense" or (config.model.generation == "auto" and cbytes == 2)
+    dense = precision.generation_engine(config.model.generation, config.model.compute_dtype) == "dense"
     element = cbytes if dense else _act_bytes(config)
     phase = {"kv_cache": kv_cache(config, arch, cfg.batch_size, config.data.max_prompt_tokens + cfg.max_new_tokens, element),
              "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens, element)}

@@ -104,3 +104,13 @@ def of(config) -> Precision:
 
 def describe(precision: Precision) -> str:
     return f"compute dtype {precision.dtype} ({precision.reason})"
+
+
+def generation_engine(requested: str, dtype: str) -> str:
+    """model.generation with `auto` resolved for a compute dtype name: the dense copy in a 16-bit dtype,
+    where it halves sampling time on a CPU; peft's NF4 path in float32, where a dense float32 copy is four
+    times the bytes to stream per decoding step and measured no faster (docs/findings.md). Torch-free, so
+    that the memory planner applies the same rule as the sampler (generation.py)."""
+    if requested != "auto":
+        return requested
+    return "peft" if dtype == "float32" else "dense"
