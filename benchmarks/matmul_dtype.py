@@ -5,7 +5,8 @@ on torch's threads, with the CPU kind and what `auto` resolves to. Where bf16 is
 100x slower than float32; where the CPU has AVX512-BF16 or AMX, several times faster.
 
     python benchmarks/matmul_dtype.py
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/matmul_dtype.py   # held to AVX2 kernels
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/matmul_dtype.py                # held to AVX2 kernels (MKL too: torch's float32 matmuls)
 
 Writes benchmarks/results/matmul_dtype-<cpu kind>.json."""
 

@@ -4,8 +4,14 @@ runs; the seed study is another target), setup excluded (the clone uses this int
 environment, with PYTHONPATH on the clone's own src/).
 
     python benchmarks/repro_time.py                      # this CPU as it is
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
-        python benchmarks/repro_time.py                  # a CPU with native bf16 capped to AVX2 (an approximation)
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/repro_time.py                  # a CPU with native bf16 held to AVX2 kernels
+    OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/repro_time.py                  # ... on one thread: a slower AVX2 CPU's float32 rate
+
+Torch multiplies float32 through MKL, which ignores the first two variables: without the third, a "capped"
+Xeon kept its AVX-512 float32 matmuls. The file records the float32 GFLOP/s of matmul_dtype.py's probe, the
+number to compare with another machine's.
 
 Writes benchmarks/results/repro_time-<cpu kind>.json: the total in seconds at the top level, each
 stage's seconds (from dvc's "Running stage" lines to the next), the learning results that the
@@ -27,17 +33,20 @@ from _common import REPO, load_average, write
 
 from qlora_rlhf import precision
 
-CAPPING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+CAPPING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
 
 
 def cpu_kind() -> str:
-    """amx_bf16+avx512_bf16, avx2, ...; '-capped' when an environment variable holds torch below the CPU."""
+    """amx_bf16+avx512_bf16, avx2, ...; '-capped' when an environment variable holds torch below the CPU,
+    '-<n>thread' when torch runs on fewer threads than the machine has cores."""
     native, _ = precision.cpu_native_bf16()
     flags = sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags())
     import torch
 
     kind = "+".join(flags) if native else torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
-    return kind + ("-capped" if flags and not native else "")
+    threads = torch.get_num_threads()
+    return (kind + ("-capped" if flags and not native else "")
+            + (f"-{threads}thread" if threads < (os.cpu_count() or threads) else ""))
 
 
 def timed_repro(clone: Path, env: dict) -> tuple[float, dict[str, float], str]:
@@ -81,8 +90,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the clone (printed) instead of deleting it")
     args = parser.parse_args()
 
+    import torch
+    from matmul_dtype import gflops
+
     kind = cpu_kind()
     chosen = precision.resolve("auto", "cpu")
+    float32_gflops = round(gflops(torch.float32), 1)
     clone = Path(tempfile.mkdtemp(prefix="repro-time-")) / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True, text=True).stdout.strip()
@@ -107,6 +120,7 @@ def main() -> None:
         "cpu": {"kind": kind, "model": precision.cpu_model(),
                 "native_bf16_flags": sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags()),
                 "capping_env": {k: os.environ[k] for k in CAPPING_ENV if k in os.environ},
+                "torch_threads": torch.get_num_threads(), "float32_matmul_gflops": float32_gflops,
                 "load_average_before": load_before, "load_average_after": load_average()},
     }
     write(f"repro_time-{kind}", result)
