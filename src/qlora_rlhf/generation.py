@@ -24,10 +24,11 @@ from itertools import chain
 import torch
 from torch import nn
 
+from . import precision
+
+
 def resolve_engine(requested: str, dtype: torch.dtype) -> str:
     """model.generation with `auto` resolved for a compute dtype (precision.generation_engine, the one rule)."""
-    from . import precision
-
     return precision.generation_engine(requested, str(dtype).removeprefix("torch."))
 
 
