@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
-from . import precision
+from . import allocator, precision
 from .config import Config, ConfigError, check_runtime, load_config
 from .errors import Preempted, UserError
 from .memory import DEVICES
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0
+        if STAGES[args.verb].loads_model:
+            allocator.keep_freed_memory()  # before the first large tensor; no effect on any result
         module = importlib.import_module(STAGES[args.verb].module)
         extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
         module.run(config, paths, **extra)

@@ -1,0 +1,37 @@
+"""CPU memory for the model stages: freed blocks stay in the process instead of going back to the kernel.
+
+glibc serves each block above its mmap threshold (which grows to at most 32 MiB) with a fresh `mmap`
+and unmaps it when it is freed. A forward pass over a batch of evaluation or rollout sequences makes
+dozens of such blocks per layer (an MLP activation of 128 sequences is ~64 MiB in float32), so every
+operator writes into memory the kernel must fault in and zero page by page: millions of page faults
+per forward, and on a CPU the element-wise operators' time goes to them. Keeping freed memory in the
+heap (no `mmap` for blocks, no trimming of the heap's top) removes the faults; results are the same
+to the bit. It is what the PyTorch CPU performance guide gets from jemalloc or tcmalloc, without a
+library to install. The cost: the process keeps its peak memory until it exits (its RSS is the peak,
+not the bytes in use), which a stage that runs once and exits does not mind.
+
+A user's own glibc malloc settings (MALLOC_*_ variables or GLIBC_TUNABLES) are left as they are, and
+other C libraries (macOS, musl) are not touched. docs/findings.md has the measurements."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h> parameter numbers
+_NEVER_TRIM = -1  # mallopt takes an int; glibc stores it as a size_t, so -1 is the largest threshold there is
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                 "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Sets glibc's malloc to serve large blocks from the heap and keep what is freed; True if it did."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in USER_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _NEVER_TRIM))
