@@ -16,12 +16,15 @@ number to compare with another machine's.
 Writes benchmarks/results/repro_time-<cpu kind>.json: the total in seconds at the top level, each
 stage's seconds (from dvc's "Running stage" lines to the next), the learning results that the
 training-stages issue asks to keep, and the machine. A timing is only meaningful on an otherwise
-idle machine: the JSON records the load average before and after."""
+idle machine: the JSON records the load average before and after. It also records the minor page faults of
+all the stages' processes: on a VM their cost varies from hour to hour, and the model stages are meant to
+cause few (qlora_rlhf/allocator.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,8 +105,10 @@ def main() -> None:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                         "PYTHONPATH": str(clone / "src")}
     load_before = load_average()
+    faults_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     try:
         total, stages, _ = timed_repro(clone, env)
+        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults_before
         learning = learning_results(clone / "results" / "smollm2-synthetic")
     finally:
         if args.keep:
@@ -115,6 +120,7 @@ def main() -> None:
         "command": "dvc repro paper, i.e. make run (fresh git clone of HEAD, setup excluded)",
         "commit": commit,
         "stages_seconds": stages,
+        "minor_page_faults": faults,
         "compute_dtype": chosen.dtype, "compute_dtype_reason": chosen.reason,
         "learning": learning,
         "cpu": {"kind": kind, "model": precision.cpu_model(),
