@@ -105,3 +105,18 @@ def test_unknown_verb_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["train-everything"])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, kept", [("float32", True), ("bfloat16", False)])
+def test_model_verbs_keep_freed_memory_in_float32_only(dtype, kept, write_params, monkeypatch):
+    """allocator.py: in float32 the heap setting changes no result; in bf16 it changed PPO's samples."""
+    import types
+
+    from qlora_rlhf import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: types.SimpleNamespace(run=lambda config, paths: None))
+    assert cli.main(["sft", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0
+    assert cli.main(["data", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0  # loads no model
+    assert calls == ([True] if kept else [])

@@ -5,9 +5,14 @@ and unmaps it when it is freed. A forward pass over a batch of evaluation or rol
 dozens of such blocks per layer (an MLP activation of 128 sequences is ~64 MiB in float32), so every
 operator writes into memory the kernel must fault in and zero page by page: millions of page faults
 per forward, and on a CPU the element-wise operators' time goes to them. Keeping freed memory in the
-heap (no `mmap` for blocks, no trimming of the heap's top) removes the faults; results are the same
-to the bit. It is what the PyTorch CPU performance guide gets from jemalloc or tcmalloc, without a
-library to install. The cost: the process keeps its peak memory until it exits (its RSS is the peak,
+heap (no `mmap` for blocks, no trimming of the heap's top) removes the faults. It is what the PyTorch
+CPU performance guide gets from jemalloc or tcmalloc, without a library to install.
+
+The CLI does this for float32 stages only. There every result is the same to the bit with or without
+it (the whole embedded default, compared). In bfloat16 on an AMX CPU the PPO stage sampled other
+tokens from its first step with it (deterministic from run to run, but not the same run), so some
+bf16 kernel's result depends on the state of the memory it is given; until that is understood, bf16
+stages keep glibc's defaults, under which the recorded runs were made. The cost: the process keeps its peak memory until it exits (its RSS is the peak,
 not the bytes in use), which a stage that runs once and exits does not mind.
 
 A user's own glibc malloc settings (MALLOC_*_ variables or GLIBC_TUNABLES) are left as they are, and

@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         paths, config = RunPaths.of(config, seed), with_seed(config, seed)
         if args.verb == "validate" or STAGES[args.verb].loads_model:
             check_runtime(config)
-            print(f"{args.verb}: {precision.describe(precision.of(config))}")
+            chosen = precision.of(config)
+            print(f"{args.verb}: {precision.describe(chosen)}")
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0
-        if STAGES[args.verb].loads_model:
-            allocator.keep_freed_memory()  # before the first large tensor; no effect on any result
+        if STAGES[args.verb].loads_model and chosen.dtype == "float32":
+            allocator.keep_freed_memory()  # before the first large tensor (float32 only: allocator.py)
         module = importlib.import_module(STAGES[args.verb].module)
         extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
         module.run(config, paths, **extra)

@@ -43,8 +43,8 @@ each matching how this project loads and trains models (qlora_rlhf.models, sft, 
 - framework_overhead: a fixed 0.5 GiB for the CUDA context and allocator slack (or, on a CPU, the
   interpreter and libraries: about 0.45-0.53 GiB of RSS after importing torch/transformers/peft/trl).
   Benchmarks that read torch.cuda.max_memory_allocated leave it out. Not modelled: the C
-  allocator's retention on a CPU (the model stages keep every freed block in glibc's heap,
-  allocator.py, so a stage's RSS stays at its heap's peak; see benchmarks/README.md).
+  allocator's retention on a CPU (float32 model stages keep every freed block in glibc's heap,
+  allocator.py, so their RSS stays at the heap's peak; see benchmarks/README.md).
 """
 
 from __future__ import annotations
