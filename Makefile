@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test figures seeds pull clean
+.PHONY: setup run test lint figures seeds pull clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -29,8 +29,12 @@ pull: setup
 	@dvc status --quiet || { dvc status; echo "make pull: the outputs above do not match this checkout; dvc repro recomputes them" >&2; exit 1; }
 	@echo "make pull: every output is here and up to date; dvc repro has nothing to run"
 
-## test: set up, then run the test suite
-test: setup
+## lint: ruff's lint and import order (pyproject.toml); `ruff check --fix .` fixes what it can
+lint: setup
+	$(VENV)/bin/ruff check .
+
+## test: set up, then lint, then run the test suite
+test: lint
 	$(PY) -m pytest -q
 
 clean:
