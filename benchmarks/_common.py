@@ -37,6 +37,25 @@ def machine() -> dict:
     return info
 
 
+# What can hold torch below the CPU it runs on: recorded with every CPU timing.
+CAPPING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+
+
+def cpu_kind() -> str:
+    """amx_bf16+avx512_bf16, avx2, ...; '-capped' when an environment variable holds torch below the CPU,
+    '-<n>thread' when torch runs on fewer threads than the machine has cores."""
+    import torch
+
+    from qlora_rlhf import precision
+
+    native, _ = precision.cpu_native_bf16()
+    flags = sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags())
+    kind = "+".join(flags) if native else torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+    threads = torch.get_num_threads()
+    return (kind + ("-capped" if flags and not native else "")
+            + (f"-{threads}thread" if threads < (os.cpu_count() or threads) else ""))
+
+
 def default_peak_tflops() -> float | None:
     import torch
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import load_average, write
-from repro_time import CAPPING_ENV, cpu_kind
+from _common import CAPPING_ENV, cpu_kind, load_average, write
 
 from qlora_rlhf import precision
 
