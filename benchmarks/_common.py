@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from qlora_rlhf.paths import REPO
+
 RESULTS = REPO / "benchmarks" / "results"
 
 # Dense bf16 tensor-core peaks from vendor spec sheets (TFLOP/s), used when --peak-tflops is not given.
@@ -24,7 +25,9 @@ def machine() -> dict:
     info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cuda_device": None}
     try:
-        import bitsandbytes, peft, transformers  # noqa: E401
+        import bitsandbytes
+        import peft
+        import transformers
 
         info |= {"transformers": transformers.__version__, "peft": peft.__version__,
                  "bitsandbytes": bitsandbytes.__version__}

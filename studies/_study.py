@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_rlhf.config import load_config
-from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.paths import REPO, RunPaths
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "studies" / "results"
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from qlora_rlhf.paths import REPO
+
 BIN = Path(sys.executable).parent
 
 

@@ -1,14 +1,19 @@
-"""params validation: every bad value raises ConfigError naming the dotted key, before any work starts."""
+"""params validation: every bad value raises ConfigError naming the dotted key, before any work starts;
+and every shipped profile (params.yaml, configs/*.yaml but the *.expected.yaml figure sheets) is valid offline."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
+import pydantic
 import pytest
 import yaml
 
-from conftest import REPO
 from qlora_rlhf.config import Config, ConfigError, check_runtime, load_config
+
+from conftest import REPO
 
 
 def _problems(path) -> list[str]:
@@ -23,14 +28,56 @@ PARAMS_FILES = ["params.yaml"] + sorted(str(p.relative_to(REPO)) for p in (REPO 
                                         if not p.name.endswith(".expected.yaml"))  # expected results, not params
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+
+
+@pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("name", PARAMS_FILES)
 def test_shipped_params_files_are_valid(name):
-    assert isinstance(load_config(REPO / name), Config)
+    config = load_config(REPO / name)
+    assert isinstance(config, Config) and config.run.name
 
 
 def test_profiles_have_distinct_run_names():
     names = [load_config(REPO / name).run.name for name in PARAMS_FILES]
     assert "configs/smoke.yaml" in PARAMS_FILES and len(set(names)) == len(names)  # one results folder each
+
+
+def test_paper_profile_matches_the_design_note():
+    c = load_config(REPO / "configs" / "paper-llama2-7b.yaml")
+    assert c.run.name == "paper-llama2-7b"
+    assert c.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert (c.model.quantization, c.model.compute_dtype, c.model.optimizer) == ("nf4", "bfloat16", "paged_adamw_8bit")
+    assert c.model.gradient_checkpointing and c.model.lora.r == 16 and c.model.lora.alpha == 32
+    assert set(c.model.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"}
+    assert c.data.source == "hub:Anthropic/hh-rlhf"
+    assert (c.data.sft_size, c.data.rm_size, c.data.ppo_size, c.data.max_length) == (20000, 50000, 20000, 512)
+    assert c.ppo.steps == 1000 and (c.ppo.kl_target_low, c.ppo.kl_target_high) == (0.1, 0.3)
+    assert c.ppo.kl_control == "adaptive"  # as TRL's classic PPOTrainer ran it
+    # about one epoch of SFT and RM data
+    for train, size in ((c.sft, c.data.sft_size), (c.rm, c.data.rm_size)):
+        epochs = train.max_steps * train.batch_size * train.gradient_accumulation_steps / size
+        assert 0.8 <= epochs <= 1.2, epochs
+
+
+def test_expected_figures_sheet_names_the_note_targets():
+    expected = yaml.safe_load((REPO / "configs" / "paper-llama2-7b.expected.yaml").read_text())
+    assert expected["sft"]["perplexity"] == {"min": 3.3, "max": 4.5}
+    assert expected["rm"]["accuracy"]["min"] == 0.70
+    assert expected["ppo"]["kl_to_reference"] == {"min": 0.1, "max": 0.3}
+    assert expected["every_stage"]["peak_memory_gb"]["max"] == 24
+
+
+def test_cli_validate_is_offline():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "qlora_rlhf", "validate", "--params", "configs/paper-llama2-7b.yaml"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
 
 
 def test_write_params_fixture_is_valid(write_params):
@@ -176,7 +223,7 @@ def test_undecodable_params_file(tmp_path):
 
 def test_config_is_frozen(write_params):
     config = load_config(write_params())
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         config.sft.batch_size = 1  # type: ignore[misc]
 
 

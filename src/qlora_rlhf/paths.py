@@ -19,6 +19,10 @@ from .config import Config
 HELD_OUT_PERPLEXITY = "held_out_perplexity.json"
 HELD_OUT_MARGINS = "held_out_margins.csv"  # the rm stage's margin for each pair of the eval split
 
+# The checkout this package runs from (it is installed editable: scripts/setup.sh, the Dockerfile). The tests,
+# benchmarks and studies find params files and results through it; the stages use paths relative to the cwd.
+REPO = Path(__file__).resolve().parents[2]
+
 
 @dataclass(frozen=True)
 class RunPaths:
