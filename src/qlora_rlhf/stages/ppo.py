@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import model_card
 from ..actor import POLICY, ActorCritic, response_mask, token_logprobs
 from ..atomic import atomic_dir, read_json, write_json
 from ..config import Config, PPOConfig
@@ -278,6 +279,7 @@ def run(config: Config, paths: RunPaths) -> dict:
         raise stopped("ppo", step, latest_checkpoint(root))
     with atomic_dir(paths.ppo) as out:
         save_policy(ac, out)
+        model_card.write(out / "adapter", config, paths, history.rows())  # README.md: the Hub's model card
     curve = history.write_csv(paths.metrics / "ppo_history.csv")
     summary = {
         "reward_mean_first": float(curve["reward_mean"].iloc[0]), "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
