@@ -1,50 +1,36 @@
 """Expected peak memory of each stage (sft, rm, ppo) from the model's architecture and the params,
 without downloading any weights: `qlora-rlhf plan-memory [--params ...] [--budget-gib 24]`.
 
-The model is the design note's memory table, computed instead of copied, and checked against
-measured steps by benchmarks/memory_vs_plan.py. Every component is in bytes and a stage's total is
-the sum of its components. PPO's three phases (generation, rollout scoring, update) do not
-overlap in time, so its table carries one negative entry, `phases_not_concurrent`, that removes
-all but the largest phase: the total is the static memory plus the largest phase. Assumptions,
-each matching how this project loads and trains models (qlora_rlhf.models, sft, reward, ppo):
+The model is the design note's memory table, computed instead of copied (benchmarks/memory_vs_plan.py
+measures the steps it predicts; docs/findings.md has how close). Every component is in bytes and a stage's
+total is their sum. PPO's three phases (generation, rollout scoring, update) do not overlap in time, so its
+table carries one negative entry, `phases_not_concurrent`, that removes all but the largest phase.
+Assumptions, each matching how this project loads and trains models (qlora_rlhf.models, sft, reward, ppo):
 
-- Quantized linear weights: NF4 with double quantization = 4 bits + an 8-bit absmax per block of
-  64 + an fp32 constant per 256 blocks = 4.127 bits per parameter. lm_head is never quantized.
-- peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter (embeddings, lm_head,
-  norms) to fp32, and bitsandbytes returns each layer's output in its input's dtype, so with NF4
-  the residual stream, the activations and the KV cache are fp32 (4 bytes) even with a bf16
-  compute dtype. Without quantization everything is in the compute dtype.
-- LoRA weights and gradients: SFT and RM cast them to the compute dtype (training.match_trainable_dtype),
-  PPO keeps peft's fp32. Paged AdamW 8-bit keeps two 8-bit states per parameter (+ an fp32 absmax
-  per 256), adamw_torch two fp32 states.
-- Activations: what autograd saves per layer and token (layer_activation_bytes_per_token, checked
-  with torch.autograd.graph.saved_tensors_hooks on SmolLM2). LoRA dropout is active in SFT only:
-  RewardTrainer(disable_dropout=True) and the PPO policy adapter (dropout 0) run without it. Without
-  gradient checkpointing every layer keeps its tensors (+ one layer's gradients at the peak); with
-  it each layer keeps its input and one layer is recomputed (counted twice). Attention is SDPA.
-- The device matters in one place: dropout on a CPU multiplies by a noise tensor of the input's
-  dtype and keeps it for backward, on CUDA it keeps a 1-byte mask. The plan is a GPU's unless
-  asked for a CPU's (`plan-memory --device cpu`, as the embedded default runs).
-- Logits are fp32. SFT: TRL's SFTTrainer (loss_type "chunked_nll", its default) never builds the
-  full batch x seq x vocab logits; it computes lm_head + cross-entropy 256 tokens at a time under
-  checkpointing, and one chunk's backward holds 4 copies (log-probs and their exp kept for the
-  entropy metric, the log-probs' and the logits' gradients). RM: a one-logit score head.
-- PPO uses ONE shared 4-bit base: the policy is a trainable LoRA adapter plus a value head read off
-  the same forward's last hidden state, the reference is the base with the adapter disabled, the
-  reward model a second (frozen) named adapter plus a score head. Base weights are counted once.
-  Generation keeps a KV cache of 2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch;
-  with model.generation: dense it also holds a dense copy of the model in the compute dtype, and its
-  cache and transient tensors are in that dtype (generation_phase).
-  Rollout scoring (ppo.rollout) keeps the policy's and the reference's logits over the response
-  positions (actor.forward's logits_from: no vocabulary projection of the prompt) while the reward
-  pass (last position's logits only) holds every layer's hidden state (output_hidden_states) and
-  one layer's transient MLP tensors. The update holds one mini-batch's response logits (the
-  forward's, then their gradient) plus 3 response-slice copies (scaled logits, log-softmax, gradient).
-- framework_overhead: a fixed 0.5 GiB for the CUDA context and allocator slack (or, on a CPU, the
-  interpreter and libraries: about 0.45-0.53 GiB of RSS after importing torch/transformers/peft/trl).
-  Benchmarks that read torch.cuda.max_memory_allocated leave it out. Not modelled: the C
-  allocator's retention on a CPU (float32 model stages keep every freed block in glibc's heap,
-  allocator.py, so their RSS stays at the heap's peak; see benchmarks/README.md).
+- Quantized linear weights: NF4 with double quantization (NF4_DOUBLE_QUANT_BITS); lm_head is never quantized.
+- peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter (embeddings, lm_head, norms) to
+  fp32, and bitsandbytes returns each layer's output in its input's dtype, so with NF4 the residual stream,
+  the activations and the KV cache are fp32 even with a bf16 compute dtype. Without quantization everything
+  is in the compute dtype.
+- LoRA weights and gradients: SFT and RM cast them to the compute dtype (training.match_trainable_dtype), PPO
+  keeps peft's fp32. The optimizer's states per parameter: OPTIMIZER_BYTES_PER_PARAM.
+- Activations: what autograd saves per layer and token (layer_activation_bytes_per_token, read off
+  torch.autograd.graph.saved_tensors_hooks). LoRA dropout is active in SFT only (RewardTrainer's
+  disable_dropout, PPO's adapter has none). Without gradient checkpointing every layer keeps its tensors;
+  with it each layer keeps its input and one layer is recomputed. Attention is SDPA.
+- On a CPU dropout keeps a noise tensor of the input's dtype for backward, on CUDA a 1-byte mask: the plan
+  is a GPU's unless asked for a CPU's (`plan-memory --device cpu`, as the embedded default runs).
+- Logits are fp32. SFT: TRL's chunked_nll loss never builds the batch x seq x vocab logits (lm_head and
+  cross-entropy a chunk of tokens at a time, under checkpointing); a chunk's backward holds the log-probs and
+  their exp (kept for the entropy metric) and the log-probs' and logits' gradients. RM: a one-logit score head.
+- PPO uses ONE shared 4-bit base (policy adapter + value head, reference = adapter disabled, reward model =
+  a second adapter + score head), counted once. Generation keeps a KV cache over prompt + new tokens; with
+  model.generation: dense it also holds a dense copy in the compute dtype (generation_phase). Rollout
+  scoring keeps the policy's and the reference's logits over the response only; the update one
+  mini-batch's response logits, their gradient and the log-softmax's copies.
+- framework_overhead: a fixed allowance for the CUDA context and allocator slack (on a CPU, the interpreter
+  and libraries). Not modelled: the C allocator's retention on a CPU (float32 stages keep freed blocks in
+  glibc's heap, allocator.py, so their RSS stays at the heap's peak).
 """
 
 from __future__ import annotations
