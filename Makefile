@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test lint figures seeds pull clean
+.PHONY: setup run metrics test lint figures seeds pull clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -14,6 +14,10 @@ setup: $(VENV)/.installed
 ## run: set up, then the run of params.yaml (the embedded default) up to its paper, with DVC
 run: setup
 	dvc repro paper
+
+## metrics: the run's metrics (params.yaml) as one table that fits 120 columns; `dvc metrics show` has every file
+metrics: setup
+	$(PY) scripts/metrics.py
 
 figures: setup
 	snakemake --cores 1 figures

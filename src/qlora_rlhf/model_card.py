@@ -76,9 +76,12 @@ on one base); the stage that wrote it is `python -m qlora_rlhf ppo`.
 
 ## Base model
 
-`{config.model.name_or_path}`{on_hub}, fine-tuned on the SFT subset and merged: the adapter's base is that
-SFT model, `{base}` from this folder (adapter_config.json's `base_model_name_or_path`). PPO trained the adapter
-on it in {config.model.quantization}, computing in {dtype}.
+`{config.model.name_or_path}`{on_hub}, fine-tuned on the SFT subset and merged. That SFT model is the
+adapter's base, at this path from this folder (adapter_config.json's `base_model_name_or_path`):
+
+    {base}
+
+PPO trained the adapter on it loaded in {config.model.quantization}, computing in {dtype}.
 
 ## Data
 
