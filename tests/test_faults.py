@@ -132,6 +132,7 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
 
     ppo.run(configs[3], run)
     straight, coefs = outputs(), pd.read_csv(run.metrics / "ppo_history.csv")["kl_coef"].tolist()
+    card = (run.ppo / "adapter" / "README.md").read_text()
     assert coefs[0] == configs[3].ppo.kl_coef and len(set(coefs)) == 3  # steered after every step
     shutil.rmtree(run.checkpoints("ppo"))
     ppo.run(configs[2], run)
@@ -140,6 +141,7 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
     resumed = outputs()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     assert pd.read_csv(run.metrics / "ppo_history.csv")["kl_coef"].tolist() == coefs
+    assert (run.ppo / "adapter" / "README.md").read_text() == card  # the model card too: the output's md5 holds
 
 
 def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
