@@ -46,6 +46,7 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     for name in ("summary.csv", "winrate.csv", "samples.csv", "generations.csv"):
         assert (run / "eval" / name).stat().st_size > 0
     assert list((run / "figures").glob("*.png")) and list((run / "figures").glob("*.pdf"))
+    assert (run / "best_of_n" / "best_of_n.csv").stat().st_size > 0 and (run / "figures" / "best_of_n.png").is_file()
     assert (run / "paper" / "macros.tex").stat().st_size > 0
     if shutil.which("latexmk"):
         assert (run / "paper" / "paper.pdf").stat().st_size > 0
