@@ -64,6 +64,13 @@ def write_fake_results(root: Path) -> Path:
               [["arithmetic", 0.05, 0.41, 0.39, 56], ["harmful", 0.02, 0.39, 0.98, 49]])
     write_csv(eval_dir / "rm_pairs.csv", ["margin", "correct"],
               [[m, int(m > 0)] for m in (rng.gauss(0.8, 1.0) for _ in range(64))])
+    (root / "best_of_n").mkdir()
+    kl = [math.log(n) - (n - 1) / n for n in (1, 2, 4, 8, 16)]
+    write_csv(root / "best_of_n" / "best_of_n.csv",
+              ["n", "kl", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low",
+               "gold_ci_high", "response_length", "eos_fraction", "prompts"],
+              [[n, k, math.sqrt(k), 2.1 + k, 1.9 + k, 2.3 + k, 0.42 + k / 10, 0.38 + k / 10, 0.46 + k / 10, 24.0, 0.9, 64]
+               for n, k in zip((1, 2, 4, 8, 16), kl)])
     return root
 
 
@@ -94,3 +101,30 @@ def test_run_writes_atomically_into_results(tmp_path, monkeypatch):
         figures.run(None, paths)
     assert not paths.figures.exists()
     assert not [p for p in paths.root.iterdir() if p.name.startswith(".figures")]
+
+
+@pytest.mark.parametrize("gold", [True, False])
+def test_best_of_n_figure_puts_ppo_on_the_frontiers_axes(tmp_path, gold):
+    """The figures stage draws best-of-n's frontier with PPO's point (gold and RM panels, or only the
+    RM's on real prompts); the seed study draws the same figure with one point per seed."""
+    import pandas as pd
+
+    from qlora_rlhf.stages.figures import BEST_OF_N, FIGURES, make_figures, save_best_of_n
+
+    results = write_fake_results(tmp_path / "run")
+    if not gold:
+        table = pd.read_csv(results / "best_of_n" / "best_of_n.csv")
+        table.drop(columns=["gold_mean", "gold_ci_low", "gold_ci_high"]).to_csv(results / "best_of_n" / "best_of_n.csv",
+                                                                                index=False)
+    out = tmp_path / "figures"
+    out.mkdir()
+    written = make_figures(results / "metrics", results / "eval", out, best_of_n=results / "best_of_n")
+    assert {p.name for p in written} == {f"{n}.{e}" for n in [*FIGURES, BEST_OF_N] for e in ("png", "pdf")}
+    assert (out / f"{BEST_OF_N}.png").read_bytes()[:4] == b"\x89PNG"
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    points = [{"label": f"PPO seed {s}", "kl_to_sft": kl, "reward_mean": 2.5, "reward_ci_low": 2.0,
+               "reward_ci_high": 3.0, "gold_mean": 0.5, "gold_ci_low": 0.4, "gold_ci_high": 0.6}
+              for s, kl in ((0, 0.3), (1, -0.01))]  # a sampled KL a little below 0 is drawn at 0
+    assert [p.name for p in save_best_of_n(results / "best_of_n", points, seeds)] == ["best_of_n.png", "best_of_n.pdf"]
+    assert (seeds / "best_of_n.pdf").read_bytes()[:5] == b"%PDF-"

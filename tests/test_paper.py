@@ -148,3 +148,28 @@ def test_pdf_builds_on_fake_results(results, params, tmp_path):
     assert not list(out.glob("*.aux"))
     log = (out / "paper.log") if (out / "paper.log").exists() else None
     assert log is None or "Undefined control sequence" not in log.read_text(errors="replace")
+
+
+def test_best_of_n_at_ppos_kl_is_interpolated_in_sqrt_kl(results):
+    """The fake frontier is linear in KL (score = a + KL): at PPO's KL the interpolation in sqrt(KL)
+    between the two neighbouring n, the n whose analytic KL it is, and PPO's gold gap; no value beyond
+    the largest n."""
+    import math
+
+    table = list(csv.DictReader((results / "best_of_n" / "best_of_n.csv").open()))
+    kl = 0.3
+    (lo, hi), x = [(r, s) for r, s in zip(table, table[1:]) if float(r["kl"]) <= kl <= float(s["kl"])][0], math.sqrt(kl)
+    w = (x - float(lo["sqrt_kl"])) / (float(hi["sqrt_kl"]) - float(lo["sqrt_kl"]))
+    expected = (1 - w) * float(lo["gold_mean"]) + w * float(hi["gold_mean"])
+    macros = {m.name: m for m in paper.best_of_n_macros(results / "best_of_n", kl, 0.61)}
+    assert macros["ResBestOfNAtPpoKlGoldMean"].value == paper.fmt(expected)
+    assert macros["ResBestOfNAtPpoKlGoldGap"].value == paper.fmt(0.61 - expected)
+    n = float(macros["ResBestOfNAtPpoKlN"].value)
+    assert abs(math.log(n) - (n - 1) / n - kl) < 0.02 and 2 < n < 4
+    assert macros["ResBestOfNMaxN"].value == "16" and macros["ResBestOfNAtPpoKlInside"].value == "yes"
+    beyond = {m.name: m for m in paper.best_of_n_macros(results / "best_of_n", 5.0, 0.61)}
+    assert beyond["ResBestOfNAtPpoKlGoldMean"].value == "--" and beyond["ResBestOfNAtPpoKlInside"].value == "no"
+    text = paper.best_of_n_text(macros | {"ResEvalPpoKlToSft": macros["ResBestOfNMaxN"]})
+    assert "fig:bestofn" in text and "GoldGap" in text
+    assert set(paper.GENERATED_MACRO_USE.findall(text)) <= set(macros) | {"ResEvalPpoKlToSft", "ResEvalPpoGoldMean"}
+    assert paper.best_of_n_text({}) == ""  # without the stage's folder the paper says nothing of it

@@ -20,8 +20,8 @@ from conftest import BIN
 from conftest import run_ok as _run
 from conftest import scratch_project as _project
 
-SINGLE_RUN = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
-DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", "rm", "ppo", "evaluate", "figures", "paper"}}
+SINGLE_RUN = {"data", "base", "sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}
+DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}}
 
 
 def _reran(root: Path) -> set[str]:
@@ -46,6 +46,7 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     for name in ("summary.csv", "winrate.csv", "samples.csv", "generations.csv"):
         assert (run / "eval" / name).stat().st_size > 0
     assert list((run / "figures").glob("*.png")) and list((run / "figures").glob("*.pdf"))
+    assert (run / "best_of_n" / "best_of_n.csv").stat().st_size > 0 and (run / "figures" / "best_of_n.png").is_file()
     assert (run / "paper" / "macros.tex").stat().st_size > 0
     if shutil.which("latexmk"):
         assert (run / "paper" / "paper.pdf").stat().st_size > 0

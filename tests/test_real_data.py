@@ -138,3 +138,24 @@ def test_an_evaluation_killed_after_one_policy_keeps_its_rollouts_and_reuses_the
     assert calls == []
     evaluate.run(config.model_copy(update={"eval": config.eval.model_copy(update={"max_new_tokens": 4})}), paths)
     assert calls == ["base", "sft", "ppo"]
+
+
+def test_best_of_n_on_real_prompts_reports_the_reward_model_only(real_run, tmp_path):
+    """No gold judge: best-of-n's table, metrics, figure and paragraph carry the reward model's score only."""
+    from qlora_rlhf.stages import best_of_n, figures, paper
+
+    config, paths, _, _ = real_run
+    metrics = best_of_n.run(config, paths)
+    table = pd.read_csv(paths.best_of_n / best_of_n.TABLE)
+    assert table["n"].tolist() == config.best_of_n.ns and not table.isna().any().any()
+    assert not [c for c in table.columns if "gold" in c] and not [k for k in metrics if "gold" in k]
+    out = tmp_path / "figures"
+    out.mkdir()
+    figures.make_figures(paths.metrics, paths.eval, out, config, best_of_n=paths.best_of_n)
+    assert (out / "best_of_n.png").stat().st_size > 1000
+    book = tmp_path / "paper"
+    book.mkdir()
+    params = config.model_dump(mode="json", exclude={"eval", "best_of_n"})
+    macros = paper.write_paper(book, paths.metrics, paths.eval, out, params, pdf=False, best_of_n=paths.best_of_n)
+    text = (book / "text" / "best_of_n.tex").read_text()
+    assert "fig:bestofn" in text and "gold" not in text.lower() and "ResBestOfNAtPpoKlGoldGap" not in macros

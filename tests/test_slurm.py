@@ -31,7 +31,7 @@ SCRIPT = REPO / "scripts" / "slurm-local.sh"
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue")
 MISSING = [name for name in DAEMONS if shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin") is None]
-PAPER_RULES = {"data", "base", "sft", "rm", "ppo", "evaluate", "figures", "paper"}
+PAPER_RULES = {"data", "base", "sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}
 TIMEOUT = 900  # seconds per snakemake run: a job SLURM cannot place would otherwise wait forever
 TINY_MEM_MB = 3072  # the tiny model's stages stay well under this; the node has two cores and ~24 GB
 
@@ -53,7 +53,7 @@ def test_profile_resources_are_derived():
     for rule, resources in derived["rules"].items():
         assert {k: profile["set-resources"][rule][k] for k in resources} == resources, rule
     gpu = {rule for rule, res in derived["rules"].items() if res["gres"]}
-    assert gpu == {"sft", "rm", "ppo", "evaluate", "ppo_seed_1", "ppo_seed_2", "evaluate_seed_1", "evaluate_seed_2"}
+    assert gpu == {"sft", "rm", "ppo", "evaluate", "best_of_n", "ppo_seed_1", "ppo_seed_2", "evaluate_seed_1", "evaluate_seed_2"}
 
 
 @pytest.fixture(scope="module")

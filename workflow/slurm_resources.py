@@ -2,7 +2,7 @@
 
     python workflow/slurm_resources.py [configs/paper-llama2-7b.yaml]   # prints the derivation and the YAML
 
-- GPU stages (sft, rm, ppo, evaluate, and each seed's ppo_seed_N / evaluate_seed_N) ask for one GPU
+- GPU stages (sft, rm, ppo, evaluate, best_of_n, and each seed's ppo_seed_N / evaluate_seed_N) ask for one GPU
   (gres gpu:1). Host memory (mem_mb): the memory planner's peak for the stage (`qlora-rlhf
   plan-memory`; what the job moves to the GPU passes through host memory as it loads), SFT's merge of
   the adapter into the full bf16 weights on the CPU (training.merge_adapter), and HOST_LIBRARIES_GIB
@@ -13,7 +13,7 @@
   times the profile's steps, times SAFETY. SFT and RM steps there are micro-batches (times
   gradient_accumulation_steps); PPO's is a whole step. The evaluation's time is its generated tokens
   (base, SFT and PPO for the run's; PPO only for a seed's, which reuses the others) at the measured
-  rollout generation rate. SAFETY covers a GPU slower than the H100 measured and what the benchmark
+  rollout generation rate; best-of-n's is its max(ns) samples per prompt at the same rate. SAFETY covers a GPU slower than the H100 measured and what the benchmark
   leaves out (data loading, logging, checkpoints, scoring); a job that still runs out of time is
   resubmitted (the profile's `retries`) and training resumes from its last checkpoint.
 - CPU stages (data, base, figures, paper, seeds) ask for no GPU (an empty gres, over the default's)
@@ -89,6 +89,10 @@ def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
         "evaluate_seed": (gpu(peak["ppo"], evaluate(1)),
                           f"PPO's plan {peak['ppo']:.1f} GiB; 1 policy's tokens {evaluate(1) / 3600:.2f} h"),
     }
+    bon_s = config.best_of_n.num_prompts * max(config.best_of_n.ns) * config.eval.max_new_tokens / gen_rate
+    kinds["best_of_n"] = (gpu(peak["ppo"], bon_s),  # samples SFT as the evaluation does, then scores them
+                          f"PPO's plan {peak['ppo']:.1f} GiB; {max(config.best_of_n.ns)} samples per prompt "
+                          f"{bon_s / 3600:.2f} h")
     kinds["ppo_seed"] = kinds["ppo"]
     for name, (mem, minutes) in CPU_STAGES.items():
         kinds[name] = ({"gres": "", "mem_mb": mem, "runtime": minutes}, "CPU only: no GPU")

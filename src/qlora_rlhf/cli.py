@@ -32,6 +32,7 @@ STAGES = {
     "rm": Verb("qlora_rlhf.stages.reward", True, "reward model on preference pairs, warm-started from SFT"),
     "ppo": Verb("qlora_rlhf.stages.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
     "evaluate": Verb("qlora_rlhf.stages.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
+    "best_of_n": Verb("qlora_rlhf.stages.best_of_n", True, "best-of-n from SFT under the reward model at KL log n - (n-1)/n"),
     "figures": Verb("qlora_rlhf.stages.figures", False, "seaborn figures from metrics and tables"),
     "paper": Verb("qlora_rlhf.stages.paper", False, "LaTeX macros, tables and the PDF from the results (needs latexmk)"),
     "seeds": Verb("qlora_rlhf.stages.seeds", False, "the seed study: across-seed table, figure and the paper with its section"),

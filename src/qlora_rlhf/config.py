@@ -148,6 +148,23 @@ class EvalConfig(_Section):
     num_sample_rows: int = Field(ge=0)
 
 
+class BestOfNConfig(_Section):
+    """Best-of-n from SFT (`best_of_n` stage), the reference frontier of Gao et al. (2022): per prompt,
+    max(ns) SFT samples at eval.temperature and eval.max_new_tokens, and for each n the one the reward
+    model ranks best among the first n, so every n shares one set of samples (n=1 is plain SFT)."""
+
+    ns: list[int] = Field(min_length=1, description="the n of best-of-n, ascending; KL = log n - (n-1)/n")
+    num_prompts: int = Field(ge=1, description="the first this many prompts of the eval split")
+    batch_size: int = Field(ge=1, description="sequences (prompt x sample) per generate call")
+
+    @field_validator("ns")
+    @classmethod
+    def _ascending(cls, ns: list[int]) -> list[int]:
+        if any(n < 1 for n in ns) or ns != sorted(set(ns)):
+            raise ValueError(f"expected distinct n >= 1 in ascending order, got {ns}")
+        return ns
+
+
 class SeedsConfig(_Section):
     """The seed study (`dvc repro seeds`): PPO and its evaluation again with each of these seeds on the
     run's own data, SFT and reward model; run.seed's run is its first row."""
@@ -171,6 +188,7 @@ class Config(_Section):
     ppo: PPOConfig
     eval: EvalConfig
     seeds: SeedsConfig
+    best_of_n: BestOfNConfig
 
     @model_validator(mode="after")
     def _fits_data(self) -> Config:
@@ -179,6 +197,7 @@ class Config(_Section):
             ("rm.batch_size", self.rm.batch_size, "data.rm_size", self.data.rm_size),
             ("ppo.batch_size", self.ppo.batch_size, "data.ppo_size", self.data.ppo_size),
             ("eval.num_prompts", self.eval.num_prompts, "data.eval_size", self.data.eval_size),
+            ("best_of_n.num_prompts", self.best_of_n.num_prompts, "data.eval_size", self.data.eval_size),
         ]
         problems = [f"{key}={value} is larger than {data_key}={size}"
                     for key, value, data_key, size in checks if value > size]

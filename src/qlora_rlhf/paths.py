@@ -96,6 +96,11 @@ class RunPaths:
         return self.root / "eval"
 
     @property
+    def best_of_n(self) -> Path:
+        """Best-of-n from SFT: once per run (it reads no PPO), so a seed's run shares the run's."""
+        return self.main.root / "best_of_n"
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
 

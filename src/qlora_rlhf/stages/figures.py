@@ -4,6 +4,7 @@ into results/<run>/figures. Reads only the contract files of the upstream stages
 - metrics/{sft,rm,ppo}_history.csv  per-step training curves
 - eval/generations.csv               per-response reward / gold score of base, SFT and PPO
 - eval/rm_pairs.csv                  reward-model margin on held-out pairs
+- eval/summary.csv, best_of_n/best_of_n.csv  PPO's scores and KL, and best-of-n's frontier from SFT
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FULL_WIDTH = 7.0     # inches: a two-column paper's text width
 HALF_WIDTH = 3.5
 
 FIGURES = ["timeline", "reward_vs_kl", "reward_distributions", "rm_margins", "response_lengths", "ppo_diagnostics"]
+BEST_OF_N = "best_of_n"  # drawn when make_figures gets the best_of_n stage's folder (the stage always passes it)
 
 
 class FiguresError(PaperError):
@@ -190,7 +192,67 @@ def _ppo_diagnostics(plt, ppo: pd.DataFrame):
     return fig
 
 
-def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None = None) -> list[Path]:
+def best_of_n_points(summary: Path, label: str) -> dict:
+    """PPO's held-out scores and KL from an evaluation's summary.csv, as one point of the best-of-n figure."""
+    frame = _read_csv(summary, ["policy", "reward_mean", "reward_ci_low", "reward_ci_high", "kl_to_sft"])
+    rows = frame[frame["policy"] == "ppo"]
+    if rows.empty:
+        raise FiguresError(f"{summary}: no row for policy ppo")
+    return {"label": label} | rows.iloc[0].to_dict()
+
+
+def _best_of_n(plt, table: pd.DataFrame, points: list[dict], config: Config | None):
+    """Gao et al. (2022)'s axes: score against sqrt(KL to SFT). Best-of-n from SFT is the frontier (its
+    KL analytic, its intervals over prompts); each PPO run is a point at its measured KL. The sampled
+    KL of a policy near SFT can come out slightly negative: it is drawn at 0."""
+    judges = [(c, t) for c, t in (("gold", "gold score"), ("reward", "RM score (logit)"))
+              if f"{c}_mean" in table.columns and table[f"{c}_mean"].notna().any()]
+    fig, axes = plt.subplots(1, len(judges), figsize=(FULL_WIDTH if len(judges) > 1 else HALF_WIDTH + 0.6, 2.8),
+                             constrained_layout=True, squeeze=False)
+    markers = "os^DvP*X"
+    for ax, (judge, ylabel) in zip(axes[0], judges):
+        if config is not None:
+            ax.axvspan(np.sqrt(config.ppo.kl_target_low), np.sqrt(config.ppo.kl_target_high), color=COLORS["kl"],
+                       alpha=0.12, label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
+        x, mean = table["sqrt_kl"], table[f"{judge}_mean"]
+        ax.fill_between(x, table[f"{judge}_ci_low"], table[f"{judge}_ci_high"], color=COLORS["sft"], alpha=0.2, linewidth=0)
+        ax.plot(x, mean, color=COLORS["sft"], marker="o", markersize=3, label="best-of-n from SFT")
+        for n, xi, yi in zip(table["n"], x, mean):
+            ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(3, -9), fontsize=6, color=COLORS["sft"])
+        for k, point in enumerate(points):
+            if f"{judge}_mean" not in point or point[f"{judge}_mean"] != point[f"{judge}_mean"]:
+                continue
+            y = point[f"{judge}_mean"]
+            err = [[y - point[f"{judge}_ci_low"]], [point[f"{judge}_ci_high"] - y]]
+            ax.errorbar([np.sqrt(max(point["kl_to_sft"], 0.0))], [y], yerr=err, fmt=markers[k % len(markers)],
+                        color=COLORS["ppo"], alpha=1.0 if k == 0 else 0.7, capsize=2.5, markersize=4,
+                        label=point["label"])
+        ax.set(xlabel="$\\sqrt{\\mathrm{KL}}$ to SFT ($\\sqrt{\\mathrm{nats}}$)", ylabel=ylabel,
+               title=f"{'Gold judge' if judge == 'gold' else 'Reward model'}: PPO vs best-of-n")
+        ax.legend(loc="best", fontsize="x-small")
+    return fig
+
+
+def save_best_of_n(best_of_n: Path, points: list[dict], out: Path, config: Config | None = None) -> list[Path]:
+    """The best-of-n figure with these PPO points (the seed study: one per seed) as PNG and PDF in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.0)
+    frontier = _read_csv(best_of_n / "best_of_n.csv", ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
+    fig = _best_of_n(plt, frontier, points, config)
+    try:
+        _save(fig, out, BEST_OF_N)
+    finally:
+        plt.close(fig)
+    return [out / f"{BEST_OF_N}.png", out / f"{BEST_OF_N}.pdf"]
+
+
+def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None = None,
+                 best_of_n: Path | None = None) -> list[Path]:
     """Write every figure as PNG and PDF into `out` (an existing folder); returns the files."""
     import matplotlib
 
@@ -216,8 +278,13 @@ def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None
         "response_lengths": lambda: _response_lengths(plt, sns, generations, ppo),
         "ppo_diagnostics": lambda: _ppo_diagnostics(plt, ppo),
     }
+    names = list(FIGURES)
+    if best_of_n is not None:
+        frontier = _read_csv(best_of_n / "best_of_n.csv", ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
+        builders[BEST_OF_N] = lambda: _best_of_n(plt, frontier, [best_of_n_points(eval_dir / "summary.csv", "PPO")], config)
+        names.append(BEST_OF_N)
     written = []
-    for name in FIGURES:
+    for name in names:
         fig = builders[name]()
         try:
             _save(fig, out, name)
@@ -229,5 +296,5 @@ def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None
 
 def run(config: Config, paths: RunPaths) -> None:
     with atomic_dir(paths.figures) as tmp:
-        written = make_figures(paths.metrics, paths.eval, tmp, config)
+        written = make_figures(paths.metrics, paths.eval, tmp, config, best_of_n=paths.best_of_n)
     print(f"figures: wrote {len(written)} files to {paths.figures}")

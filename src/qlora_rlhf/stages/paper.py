@@ -311,6 +311,79 @@ def comparison_text(gold: bool) -> str:
             r"measure evaluation noise, not the spread between runs." "\n")
 
 
+BEST_OF_N_TABLE = "best_of_n.csv"  # the best_of_n stage's table, one row per n
+BEST_OF_N_COLUMNS = ("reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low", "gold_ci_high")
+
+
+def best_of_n_macros(best_of_n: Path, ppo_kl: float | None, ppo_gold: float | None) -> list[Macro]:
+    """Best-of-n's frontier at PPO's KL to SFT: each column interpolated linearly in sqrt(KL) between the
+    two n around it (Gao et al.'s axis; a sampled KL below 0 counts as 0), and the real-valued n whose
+    analytic KL log n - (n-1)/n it is. Outside the ns' range the values are `--`: no extrapolation."""
+    rows = sorted(_read_rows(best_of_n / BEST_OF_N_TABLE, "n", ("sqrt_kl", "reward_mean")).values(),
+                  key=lambda r: float(r["sqrt_kl"]))
+    source = f"best_of_n/{BEST_OF_N_TABLE}"
+    largest = rows[-1]
+    macros = [Macro("ResBestOfNMaxN", fmt(int(largest["n"])), f"{source}:n (largest)"),
+              Macro("ResBestOfNPrompts", fmt(int(largest["prompts"])), f"{source}:prompts"),
+              Macro("ResBestOfNMaxNKl", fmt(float(largest["kl"])), f"{source}:{largest['n']}.kl")]
+    for column in BEST_OF_N_COLUMNS:
+        if column in largest:
+            macros.append(Macro(f"ResBestOfNMaxN{camel(column)}", fmt(largest[column]), f"{source}:{largest['n']}.{column}"))
+    if ppo_kl is None:
+        return macros
+    x = math.sqrt(max(ppo_kl, 0.0))
+    xs = [float(r["sqrt_kl"]) for r in rows]
+    at = f"{source} at metrics/eval.json:ppo_kl_to_sft (linear in sqrt KL)"
+    values: dict[str, float | None] = {c: None for c in BEST_OF_N_COLUMNS if c in largest} | {"n": None}
+    if xs[0] <= x <= xs[-1]:
+        k = max(i for i in range(len(xs)) if xs[i] <= x)
+        j = min(k + 1, len(xs) - 1)
+        w = 0.0 if xs[j] == xs[k] else (x - xs[k]) / (xs[j] - xs[k])
+        for column in values:
+            if column != "n":
+                values[column] = (1 - w) * float(rows[k][column]) + w * float(rows[j][column])
+        low, high = 1.0, float(largest["n"])  # the n whose log n - (n-1)/n is PPO's KL, by bisection
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if math.log(mid) - (mid - 1) / mid < x * x else (low, mid)
+        values["n"] = low
+    macros += [Macro(f"ResBestOfNAtPpoKl{camel(c)}", fmt(v), at) for c, v in values.items()]
+    gap = None if values.get("gold_mean") is None or ppo_gold is None else ppo_gold - values["gold_mean"]
+    if "gold_mean" in values:
+        macros.append(Macro("ResBestOfNAtPpoKlGoldGap", fmt(gap), f"metrics/eval.json:ppo_gold_mean minus {at}"))
+    macros.append(Macro("ResBestOfNAtPpoKlInside", "yes" if values["n"] is not None else "no", at))
+    return macros
+
+
+def best_of_n_text(macros: dict[str, Macro]) -> str:
+    """The paragraph and figure on best-of-n, the reference PPO is judged against; empty without the stage."""
+    if "ResBestOfNMaxN" not in macros:
+        return ""
+    gold = "ResBestOfNAtPpoKlGoldGap" in macros
+    text = [r"\paragraph{Against best-of-$n$.} Best-of-$n$ from SFT keeps, for each of the first \ResBestOfNPrompts{} "
+            r"held-out prompts, the reply the reward model ranks best among $n$ SFT samples at the evaluation's "
+            r"temperature, for $n$ up to \ResBestOfNMaxN{}; its KL to SFT is the analytic $\log n - (n-1)/n$ nats "
+            r"(\ResBestOfNMaxNKl{} at the largest $n$). It is the reference frontier of Gao et al.\ (2022), and "
+            r"Figure~\ref{fig:bestofn} puts PPO on its axes: score against $\sqrt{\mathrm{KL}}$."]
+    if macros.get("ResBestOfNAtPpoKlInside", Macro("", "no", "")).value == "yes":
+        text.append(r"At PPO's KL of \ResEvalPpoKlToSft{} nats, the KL of best-of-\ResBestOfNAtPpoKlN{}, best-of-$n$ "
+                    r"reaches a reward-model score of \ResBestOfNAtPpoKlRewardMean{} (interpolated between the "
+                    r"neighbouring $n$; 95\% interval \ResBestOfNAtPpoKlRewardCiLow--\ResBestOfNAtPpoKlRewardCiHigh)"
+                    + (r" and a gold score of \ResBestOfNAtPpoKlGoldMean{} "
+                       r"(\ResBestOfNAtPpoKlGoldCiLow--\ResBestOfNAtPpoKlGoldCiHigh); PPO's gold score, "
+                       r"\ResEvalPpoGoldMean{}, minus best-of-$n$'s is \ResBestOfNAtPpoKlGoldGap{}" if gold else "")
+                    + r". Best-of-$n$'s prompts are the first of the evaluation's, so the two share part of "
+                      r"their prompts, not all.")
+    elif "ResBestOfNAtPpoKlInside" in macros:
+        text.append(r"PPO's KL of \ResEvalPpoKlToSft{} nats lies outside best-of-$n$'s range of $n$: the comparison "
+                    r"at equal KL needs other $n$.")
+    text += ["", r"\begin{figure}[ht]", r"  \centering", r"  \includegraphics[width=\linewidth]{figures/best_of_n.pdf}",
+             r"  \caption{PPO against best-of-$n$ from SFT: mean scores on held-out prompts against $\sqrt{\mathrm{KL}}$ "
+             r"to SFT, best-of-$n$ at its analytic KL with 95\% bootstrap intervals (band), PPO at its sampled KL with "
+             r"its interval.}", r"  \label{fig:bestofn}", r"\end{figure}", ""]
+    return "\n".join(text)
+
+
 def rm_context_text(macros: dict[str, Macro], synthetic: bool) -> str:
     """On real pairs: the reward model's accuracy next to public small-model figures, and what limits it."""
     if synthetic or "ResRmAccuracyCiLow" not in macros:
@@ -406,12 +479,18 @@ def results_summary(metrics: Path, run_name: str) -> str:
 
 
 def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params: dict,
-                sources: Path = PAPER_SOURCES, samples: int = 6, pdf: bool = True) -> dict[str, Macro]:
-    """Fill `out` (an existing, empty folder) with the paper; returns the macros it defined."""
+                sources: Path = PAPER_SOURCES, samples: int = 6, pdf: bool = True,
+                best_of_n: Path | None = None) -> dict[str, Macro]:
+    """Fill `out` (an existing, empty folder) with the paper; returns the macros it defined. With
+    `best_of_n` (the stage's folder) the paper compares PPO with best-of-n at PPO's KL."""
     if not (sources / "paper.tex").is_file():
         raise PaperError(f"{sources.resolve() / 'paper.tex'} is missing: run the paper stage from the project root, "
                          "as dvc repro and snakemake do")
     macros = build_macros(metrics, eval_dir, params)
+    if best_of_n is not None:
+        evaluated = _read_json(metrics / "eval.json")
+        macros |= {m.name: m for m in best_of_n_macros(best_of_n, evaluated.get("ppo_kl_to_sft"),
+                                                       evaluated.get("ppo_gold_mean"))}
     missing = sorted(used_macros(sources) - set(macros))
     if missing:
         raise PaperError("the paper uses macros no result defines: " + ", ".join(f"\\{m}" for m in missing)
@@ -438,6 +517,7 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
     text.mkdir()
     (text / "comparison.tex").write_text(comparison_text(gold))
     (text / "rm.tex").write_text(rm_context_text(macros, params.get("data", {}).get("source") == "synthetic"))
+    (text / "best_of_n.tex").write_text(best_of_n_text(macros))
     generated = "".join(f.read_text() for f in (*tables.glob("*.tex"), *text.glob("*.tex")))
     undefined = sorted(set(GENERATED_MACRO_USE.findall(generated)) - set(macros))
     if undefined:
@@ -455,9 +535,10 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
 
 def run(config, paths) -> None:
     latexmk_path()      # fail before doing any work when the toolchain is missing
-    params = config.model_dump(mode="json", exclude={"eval"})
+    params = config.model_dump(mode="json", exclude={"eval", "best_of_n"})  # best-of-n's numbers: its own table
     from ..atomic import atomic_dir
 
     with atomic_dir(paths.paper) as tmp:
-        write_paper(tmp, paths.metrics, paths.eval, paths.figures, params, samples=config.eval.num_sample_rows)
+        write_paper(tmp, paths.metrics, paths.eval, paths.figures, params, samples=config.eval.num_sample_rows,
+                    best_of_n=paths.best_of_n)
     print(f"paper: wrote {paths.paper / 'paper.pdf'}")

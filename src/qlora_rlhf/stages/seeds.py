@@ -7,6 +7,7 @@ compared with the one evaluation of SFT (results/<run>/eval). Writes results/<ru
 - metrics/seeds.json  across seeds: the mean gain with a 95 % t interval over seeds, and how many
                   seeds' own interval excludes 0 (outside the folder: DVC's metrics)
 - seeds.png/.pdf  the figure: each seed's gain with its interval, and the across-seed mean
+- best_of_n.png/.pdf  every seed's PPO on best-of-n's frontier from SFT (figures.save_best_of_n)
 - paper/          the run's paper with a section built from them (paper.pdf)
 
 A bootstrap interval over prompts measures evaluation noise within one PPO run; the interval over
@@ -64,6 +65,18 @@ def seed_row(seed: int, sft: pd.DataFrame, ppo: pd.DataFrame, samples: int) -> d
                 f"{judge}_gain": float(diff.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
                 f"winrate_{judge}": float(wins.mean())}
     return row
+
+
+def ppo_point(seed: int, ppo: pd.DataFrame, samples: int) -> dict:
+    """One seed's PPO as a point of the best-of-n figure: mean scores with 95 % bootstrap intervals over
+    prompts (as its evaluation's summary.csv has them) at its mean sampled KL to SFT."""
+    point: dict = {"label": f"PPO seed {seed}", "kl_to_sft": float(ppo["kl_to_sft"].mean())}
+    for judge in JUDGES:
+        values = ppo[judge].astype(float).dropna().to_numpy()
+        if len(values):
+            low, high = bootstrap_ci(values, samples, seed)
+            point |= {f"{judge}_mean": float(values.mean()), f"{judge}_ci_low": low, f"{judge}_ci_high": high}
+    return point
 
 
 def across_seeds(table: pd.DataFrame) -> dict:
@@ -182,13 +195,14 @@ def section_text(summary: dict) -> str:
 
 
 def run(config: Config, paths: RunPaths) -> dict:
+    from .figures import save_best_of_n
     from .paper import build_pdf, latexmk_path
 
     latexmk_path()  # fail before any work when the toolchain is missing
     seeds = [config.run.seed, *config.seeds.ppo]
     sft = policy_rows(paths.eval, "sft")
-    rows = [seed_row(seed, sft, policy_rows(RunPaths.of(config, seed).eval, "ppo"), config.eval.bootstrap_samples)
-            for seed in seeds]
+    ppo_of = {seed: policy_rows(RunPaths.of(config, seed).eval, "ppo") for seed in seeds}
+    rows = [seed_row(seed, sft, ppo_of[seed], config.eval.bootstrap_samples) for seed in seeds]
     table = pd.DataFrame(rows)
     summary = across_seeds(table)
     if not (paths.paper / "paper.tex").is_file():
@@ -198,6 +212,8 @@ def run(config: Config, paths: RunPaths) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tight_layout's notes on small figures
             draw(table, summary, out)
+        save_best_of_n(paths.best_of_n, [ppo_point(seed, ppo_of[seed], config.eval.bootstrap_samples)
+                                         for seed in seeds], out, config)
         paper = out / "paper"
         shutil.copytree(paths.paper, paper)
         (paper / "paper.pdf").unlink(missing_ok=True)
