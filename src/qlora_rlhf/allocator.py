@@ -7,9 +7,11 @@ blocks, no trimming of the heap's top) removes those faults; it is what the PyTo
 jemalloc or tcmalloc, without a library to install. The cost: a stage keeps its peak memory until it exits (its
 RSS is the peak, not the bytes in use), which a stage that runs once and exits does not mind.
 
-The CLI does this for float32 stages only; bf16 stages keep glibc's defaults, under which the recorded bf16 runs
-were made (why, and whether that still needs to be so: docs/findings.md). A user's own glibc malloc settings
-(MALLOC_*_ variables or GLIBC_TUNABLES) are left as they are, and other C libraries (macOS, musl) are not touched."""
+The CLI does this for every model stage, whatever the compute dtype: where a result is a function of its inputs,
+where its memory comes from cannot change it (tests/test_determinism.py runs PPO under it; a float32-only rule
+rested on a bf16 difference that was the dense sampler's, not the heap's: docs/findings.md). A user's own glibc
+malloc settings (MALLOC_*_ variables or GLIBC_TUNABLES) are left as they are, and other C libraries (macOS, musl)
+are not touched."""
 
 from __future__ import annotations
 

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "validate":
             print(f"{args.params}: valid (run {config.run.name!r})")
             return 0
-        if STAGES[args.verb].loads_model and chosen.dtype == "float32":
-            allocator.keep_freed_memory()  # before the first large tensor (float32 only: allocator.py)
+        if STAGES[args.verb].loads_model:
+            allocator.keep_freed_memory()  # before the first large tensor (allocator.py)
         module = importlib.import_module(STAGES[args.verb].module)
         extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
         module.run(config, paths, **extra)
