@@ -2,7 +2,7 @@
 
 Each stage runs in a fresh process through the code the stage itself uses: the model from
 qlora_rlhf.models.load_model, TRL's SFTTrainer / RewardTrainer with the stage's own
-TrainingArguments (qlora_rlhf.training.trainer_args), and for PPO the project's ActorCritic with
+TrainingArguments (qlora_rlhf.training.trainer_args), and for PPO the project's SharedBaseRoles with
 qlora_rlhf.stages.ppo.rollout (generation + reference/reward/value scoring) and qlora_rlhf.stages.ppo.update.
 Inputs are the planner's worst case: every sequence exactly data.max_length tokens, every PPO
 prompt data.max_prompt_tokens tokens and every response ppo.max_new_tokens tokens (EOS held back).
@@ -157,7 +157,7 @@ def sft_step(config: dict, path: str, steps: int, work: str) -> dict:
 
 
 def rm_step(config: dict, path: str, steps: int, work: str) -> dict:
-    """As qlora_rlhf.stages.reward.run trains: RewardTrainer on (chosen, rejected) pairs, LoRA + score head."""
+    """As qlora_rlhf.stages.rm.run trains: RewardTrainer on (chosen, rejected) pairs, LoRA + score head."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -182,7 +182,7 @@ def rm_step(config: dict, path: str, steps: int, work: str) -> dict:
 
 
 def untrained_reward_adapter(config: dict, path: str, out: str) -> str:
-    """A reward-stage adapter (LoRA + score head) as reward.run saves it, untrained: PPO's input."""
+    """A reward-stage adapter (LoRA + score head) as rm.run saves it, untrained: PPO's input."""
     from peft import get_peft_model
 
     from qlora_rlhf.config import Config
@@ -207,17 +207,17 @@ def fixed_length_prompt(tokenizer, length: int) -> str:
 
 
 def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
-    """As qlora_rlhf.stages.ppo.run steps: ActorCritic (one 4-bit base, policy/reference/reward roles),
+    """As qlora_rlhf.stages.ppo.run steps: SharedBaseRoles (one 4-bit base, policy/reference/reward roles),
     rollout (sample, score, GAE) then update (ppo_epochs x mini-batches), each phase's peak."""
     from qlora_rlhf.stages import ppo
-    from qlora_rlhf.actor import ActorCritic
+    from qlora_rlhf.actor import SharedBaseRoles
     from qlora_rlhf.config import Config
 
     config = Config.model_validate(config)
     cfg = config.ppo
 
     def load():
-        ac = ActorCritic.load(config, Path(path), Path(rm_adapter))
+        ac = SharedBaseRoles.load(config, Path(path), Path(rm_adapter))
         # the planner's worst case: no response ends early (EOS is held back until max_new_tokens)
         ac.model.get_base_model().generation_config.min_new_tokens = cfg.max_new_tokens
         prompts = [fixed_length_prompt(ac.tokenizer, config.data.max_prompt_tokens)] * cfg.batch_size
@@ -226,7 +226,7 @@ def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
     def run(state):
         ac, optimizer, prompts = state
         with Peak() as generation:  # generation alone: the rollout's peak is max(generation, scoring)
-            ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
+            ac.sample(prompts, cfg.max_new_tokens, cfg.temperature)
         rollout, update = [], []
         for step in range(1, steps + 1):
             torch.manual_seed(config.run.seed * 1000 + step)  # as ppo.run seeds each step
@@ -236,7 +236,7 @@ def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
             with Peak() as peak:
                 ppo.update(ac, optimizer, batch, cfg)
             update.append(peak)
-        assert batch["response"].shape[1] == cfg.max_new_tokens and bool(batch["resp_mask"].all())
+        assert batch.response_mask.shape[1] == cfg.max_new_tokens and bool(batch.response_mask.all())
         return {"generation": generation, "rollout": max(rollout, key=lambda p: p.bytes),
                 "update": max(update, key=lambda p: p.bytes)}
 

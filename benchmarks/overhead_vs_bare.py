@@ -1,12 +1,13 @@
 """Overhead of each training stage over a bare script with identical settings (not over TRL's own
 PPOTrainer, which needs separate 4-bit models and so is not the same run): the stage's own
-run() (qlora_rlhf.stages.sft / reward / ppo) against
+run() (qlora_rlhf.stages.sft / rm / ppo) against
 - SFT: a bare TRL SFTTrainer script, RM: a bare TRL RewardTrainer script, each with the stage's
   model (load_model: NF4 + LoRA), data split, TrainingArguments (training.trainer_args), seed and
   LoRA dtype, but no checkpoint, no history/DVCLive, no held-out evaluation, no merge;
 - PPO: a bare loop of the same equations (ppo.rollout: sample, score, KL-penalized rewards, GAE;
-  then the clipped policy + value loss over ppo_epochs x mini-batches) on the same ActorCritic and
-  optimizer, without checkpoints, history, statistics, the non-finite / max-KL guards or tqdm.
+  then ppo.policy_loss + vf_coef * ppo.value_loss over ppo_epochs x mini-batches) on the same
+  SharedBaseRoles and optimizer, without checkpoints, history, statistics, the non-finite / max-KL
+  guards or tqdm.
 
 Every run is a fresh process in a scratch folder (the params' data and base model are reused when
 the data and base stages have run, else built there). Reported per stage, stage / bare, in wall
@@ -35,7 +36,7 @@ STAGES = ("sft", "rm", "ppo")
 # The stage functions timed one by one for the breakdown (what the bare scripts do not do).
 STAGE_PARTS = {"sft": ("load_model", "completion_perplexity", "merge_adapter", "History"),
                "rm": ("load_model", "pairwise", "History"),
-               "ppo": ("save_checkpoint", "save_policy", "History")}
+               "ppo": ("Checkpoints.save", "save_policy", "History")}
 
 
 class Clock:
@@ -56,9 +57,12 @@ class Clock:
 
 
 def timed(module, name: str, clocks: dict):
-    """Wrap module.<name> so each call adds its wall/CPU seconds to clocks[name] (a breakdown of
-    where the stage spends its time; the stage's behaviour is unchanged)."""
-    original = getattr(module, name)
+    """Wrap module.<name> (a function, a class, or a class's method: "Class.method") so each call adds
+    its wall/CPU seconds to clocks[name] (a breakdown of where the stage spends its time; the stage's
+    behaviour is unchanged)."""
+    owner_path, _, attribute = name.rpartition(".")
+    owner = getattr(module, owner_path) if owner_path else module
+    original = getattr(owner, attribute)
 
     def wrapper(*args, **kwargs):
         with Clock() as clock:
@@ -69,7 +73,7 @@ def timed(module, name: str, clocks: dict):
         total["calls"] += 1
         return result
 
-    setattr(module, name, wrapper)
+    setattr(owner, attribute, wrapper)
 
 
 def _setup(dump: dict, root: str):
@@ -85,7 +89,7 @@ def stage_run(stage: str, dump: dict, root: str) -> dict:
 
     import pandas as pd
 
-    module = importlib.import_module(f"qlora_rlhf.{ {'sft': 'sft', 'rm': 'reward', 'ppo': 'ppo'}[stage]}")
+    module = importlib.import_module(f"qlora_rlhf.stages.{stage}")
     config, paths = _setup(dump, root)
     parts: dict = {}
     for name in STAGE_PARTS[stage]:
@@ -161,45 +165,42 @@ def bare_rm(dump: dict, root: str) -> dict:
 
 
 def bare_ppo(dump: dict, root: str) -> dict:
-    """PPO's equations in a bare loop on the stage's models, prompts, seeds and optimizer."""
+    """PPO's equations in a bare loop on the stage's models, prompts, seeds and optimizer: the stage's
+    rollout, losses and response-aligned forward, none of its bookkeeping."""
     import torch
 
-    from qlora_rlhf.stages import ppo
-    from qlora_rlhf.actor import ActorCritic, token_logprobs
+    from qlora_rlhf.actor import SharedBaseRoles
     from qlora_rlhf.data import read_split
+    from qlora_rlhf.stages import ppo
     from qlora_rlhf.training import seed_everything
 
     config, paths = _setup(dump, root)
-    cfg, mean = config.ppo, ppo.masked_mean
+    cfg = config.ppo
     total = Clock().start()
     seed_everything(config)
     prompts = [r["prompt"] for r in read_split(paths, "ppo")]
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter")
-    optimizer = ppo.make_optimizer(config, ac.policy_parameters())
+    roles = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter")
+    optimizer = ppo.make_optimizer(config, roles.policy_parameters())
     rewards = []
     loop = Clock().start()
     for step in range(1, cfg.steps + 1):
         torch.manual_seed(config.run.seed * 1000 + step)
-        batch = ppo.rollout(ac, ppo.rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
-        rewards.append(round(batch["scores"].mean().item(), 4))
-        s = int(batch["start"])
-        ac.model.train()
+        batch = ppo.rollout(roles, ppo.rollout_prompts(prompts, step, cfg, config.run.seed), cfg)
+        rewards.append(round(batch.scores.mean().item(), 4))
+        roles.model.train()
         for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(len(batch["ids"])).split(cfg.mini_batch_size):
-                logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb])
-                ratio = torch.exp(token_logprobs(logits[:, s:-1], batch["response"][mb], cfg.temperature)
-                                  - batch["logprobs"][mb])
-                vpred = ac.values(hidden[:, s:-1])
-                m, adv, old_v, ret = (batch[k][mb] for k in ("resp_mask", "advantages", "values", "returns"))
-                policy_loss = mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), m)
-                vclipped = old_v + (vpred - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-                value_loss = 0.5 * mean(torch.max((vpred - ret) ** 2, (vclipped - ret) ** 2), m)
+            for index in torch.randperm(len(batch)).split(cfg.mini_batch_size):
+                mb = batch[index]
+                new = roles.score_response(mb.ids, mb.mask, mb.prompt_len, cfg.temperature)
+                policy_loss, _ = ppo.policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                 cfg.cliprange)
+                value_loss = ppo.value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
                 optimizer.zero_grad(set_to_none=True)
                 (policy_loss + cfg.vf_coef * value_loss).backward()
-                torch.nn.utils.clip_grad_norm_(ac.policy_parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(roles.policy_parameters(), 1.0)
                 optimizer.step()
     loop.stop()
-    ac.model.save_pretrained(paths.root / "bare-ppo")
+    roles.model.save_pretrained(paths.root / "bare-ppo")
     total.stop()
     return total.dict("total") | loop.dict("loop") | {"steps": cfg.steps, "reward_mean_curve": rewards,
                                                        "peak_rss_gib": peak_rss() / 1024**3}

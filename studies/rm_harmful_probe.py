@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (paths.rm / "adapter").is_dir():
         print(f"error: {paths.rm} holds no reward model; run `dvc repro` first", file=sys.stderr)
         return 1
-    from qlora_rlhf.actor import ActorCritic
-    from qlora_rlhf.stages.reward import score_texts
+    from qlora_rlhf.actor import SharedBaseRoles
+    from qlora_rlhf.stages.rm import score_texts
 
     prompts = [r["prompt"] for r in read_split(paths, "eval") if synthetic.prompt_category(r["prompt"]) == "harmful"]
     prompts = prompts[: args.prompts]
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    ac = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
     scores = {kind: score_texts(ac.reward, ac.tokenizer, [p + text for p in prompts], 32, ac.device)
               for kind, text in replies().items()}
     refusal = scores["refusal"]

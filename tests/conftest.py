@@ -108,17 +108,16 @@ def run_ok(root: Path, *cmd: str, env: dict | None = None, timeout: float | None
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory, tiny_model_dir):
     """data -> base -> sft -> rm -> ppo -> evaluate on the tiny model, once per test session."""
-    from qlora_rlhf import data
-    from qlora_rlhf.stages import evaluate, ppo, reward, sft
+    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
     from qlora_rlhf.config import Config
-    from qlora_rlhf.models import load_tokenizer, run_base
+    from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
 
     root = tmp_path_factory.mktemp("pipeline")
     config = Config.model_validate(smoke_params(tiny_model_dir, root / "results"))
     paths = RunPaths.of(config)
-    data.run(config, paths, load_tokenizer(tiny_model_dir))
-    run_base(config, paths)
-    results = {"sft": sft.run(config, paths), "rm": reward.run(config, paths), "ppo": ppo.run(config, paths),
+    data.write_subsets(config, paths, load_tokenizer(tiny_model_dir))
+    base.run(config, paths)
+    results = {"sft": sft.run(config, paths), "rm": rm.run(config, paths), "ppo": ppo.run(config, paths),
                "eval": evaluate.run(config, paths)}
     return config, paths, results

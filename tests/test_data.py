@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qlora_rlhf import data, synthetic
+from qlora_rlhf.stages import data as data_stage
 from qlora_rlhf.atomic import read_json
 from qlora_rlhf.config import load_config
 from qlora_rlhf.data import DataError
@@ -46,7 +47,7 @@ def _line(row: object) -> bytes:
 def _run(write_params, tokenizer=None, **overrides):
     config = load_config(write_params(**overrides))
     paths = RunPaths.of(config)
-    return data.run(config, paths, tokenizer), paths
+    return data_stage.write_subsets(config, paths, tokenizer), paths
 
 
 def _prompts(paths: RunPaths, name: str) -> set[str]:

@@ -90,7 +90,7 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
     import torch
     from safetensors.torch import load_file
 
-    from qlora_rlhf.stages import reward, sft
+    from qlora_rlhf.stages import rm, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
 
@@ -98,7 +98,7 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
     config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"model.compute_dtype": "bfloat16"}))
     run = RunPaths.of(config)
     _copy_inputs(paths, run.root, stage)
-    module, adapter = {"sft": sft, "rm": reward}[stage], run.root / stage / "adapter" / "adapter_model.safetensors"
+    module, adapter = {"sft": sft, "rm": rm}[stage], run.root / stage / "adapter" / "adapter_model.safetensors"
     module.run(config, run)  # 4 steps, checkpoints at 2 and 4
     uninterrupted = load_file(adapter)
     module.run(config, run)  # resumes from checkpoint-2: a finished run's last checkpoint is not resumed
@@ -145,28 +145,28 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
 
 
 def test_a_half_written_trainer_checkpoint_is_not_resumed(tmp_path):
-    from qlora_rlhf.training import last_checkpoint
+    from qlora_rlhf.training import trainer_checkpoint_to_resume
 
     for step, state in ((2, "{}"), (4, None), (6, '{"best_metric": nu')):  # 6: killed while Trainer wrote it
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         if state is not None:
             (folder / "trainer_state.json").write_text(state)
-    assert last_checkpoint(tmp_path, max_steps=10) == str(tmp_path / "checkpoint-2")
-    assert last_checkpoint(tmp_path / "missing", max_steps=10) is None
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=10) == str(tmp_path / "checkpoint-2")
+    assert trainer_checkpoint_to_resume(tmp_path / "missing", max_steps=10) is None
 
 
 def test_a_finished_runs_final_checkpoint_is_not_resumed(tmp_path):
     """Resuming the checkpoint at max_steps made Trainer train step max_steps + 1: a re-run of a
     finished SFT or RM stage (after a code change) gave a different model (an RM of 49 steps, not 48)."""
-    from qlora_rlhf.training import last_checkpoint
+    from qlora_rlhf.training import trainer_checkpoint_to_resume
 
     for step in (32, 48):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert last_checkpoint(tmp_path, max_steps=48) == str(tmp_path / "checkpoint-32")
-    assert last_checkpoint(tmp_path, max_steps=64) == str(tmp_path / "checkpoint-48")
-    assert last_checkpoint(tmp_path, max_steps=32) is None
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=48) == str(tmp_path / "checkpoint-32")
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=64) == str(tmp_path / "checkpoint-48")
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=32) is None
 
 
 def test_a_log_line_cut_off_by_a_kill_spoils_only_itself(tmp_path):

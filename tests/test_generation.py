@@ -3,10 +3,13 @@ its per-token log-probs match peft's NF4 model in every role, and sampling leave
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from qlora_rlhf.actor import POLICY, ActorCritic, forward, response_mask, sample, token_logprobs
+from qlora_rlhf import precision
+from qlora_rlhf.actor import POLICY, SharedBaseRoles, forward, token_logprobs
 from qlora_rlhf.config import Config
 from qlora_rlhf.generation import dense_copy, sampling_model
 from qlora_rlhf.memory import KNOWN_ARCHITECTURES, plan
@@ -15,12 +18,12 @@ PROMPTS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant:", "\n\nHuman: Name a colo
            "\n\nHuman: Hi?\n\nAssistant:"]
 
 
-def _actor(pipeline, dtype: str) -> ActorCritic:
+def _actor(pipeline, dtype: str) -> SharedBaseRoles:
     """The pipeline's SFT + RM with a fresh policy adapter made non-trivial (LoRA's B starts at zero,
     which would make the merged update vanish and the test pass for the wrong reason)."""
     config, paths, _ = pipeline
     config = config.model_copy(update={"model": config.model.model_copy(update={"compute_dtype": dtype})})
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=True)
+    ac = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=True)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in ac.model.named_parameters():
@@ -29,11 +32,10 @@ def _actor(pipeline, dtype: str) -> ActorCritic:
     return ac
 
 
-def _sequences(ac: ActorCritic):
+def _sequences(ac: SharedBaseRoles):
     torch.manual_seed(3)
-    query, query_mask, response = sample(ac.model, ac.tokenizer, PROMPTS, 8, 1.0)
-    resp_mask = response_mask(response, ac.tokenizer.eos_token_id)
-    return torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1), response, resp_mask, query.shape[1] - 1
+    drawn = replace(ac, engine="peft").sample(PROMPTS, 8, 1.0)  # from the NF4 model itself
+    return drawn.ids, drawn.mask, drawn.response, drawn.response_mask, drawn.prompt_len - 1
 
 
 def _logprobs(model, ids, mask, response, start) -> torch.Tensor:
@@ -42,7 +44,7 @@ def _logprobs(model, ids, mask, response, start) -> torch.Tensor:
     return token_logprobs(logits[:, :-1], response, 1.0)
 
 
-def _role_gaps(ac: ActorCritic, dtype: torch.dtype) -> dict[str, float]:
+def _role_gaps(ac: SharedBaseRoles, dtype: torch.dtype) -> dict[str, float]:
     """Largest |log-prob difference| between the dense copy and peft's model, per role, on real tokens."""
     ids, mask, response, resp_mask, start = _sequences(ac)
     gaps = {}
@@ -90,7 +92,7 @@ def test_dense_sampler_draws_the_policys_tokens_and_leaves_it_unchanged(pipeline
     for engine in ("peft", "dense"):
         ac.engine = engine
         torch.manual_seed(11)
-        drawn[engine] = ac.generate(PROMPTS, 8, 0.7)[2]
+        drawn[engine] = ac.sample(PROMPTS, 8, 0.7).response
     assert torch.equal(drawn["peft"], drawn["dense"])
     assert all(torch.equal(before[name], param) for name, param in ac.model.named_parameters())
     assert trainable == {name for name, param in ac.model.named_parameters() if param.requires_grad}
@@ -130,8 +132,7 @@ def test_memory_plan_counts_the_dense_copy_in_generation(engine):
 
 
 def test_auto_samples_densely_in_16_bit_and_through_peft_in_float32():
-    from qlora_rlhf.generation import resolve_engine
-
-    assert resolve_engine("auto", torch.bfloat16) == "dense" and resolve_engine("auto", torch.float16) == "dense"
-    assert resolve_engine("auto", torch.float32) == "peft"
-    assert resolve_engine("dense", torch.float32) == "dense" and resolve_engine("peft", torch.bfloat16) == "peft"
+    engine = precision.generation_engine
+    assert engine("auto", "bfloat16") == "dense" and engine("auto", "float16") == "dense"
+    assert engine("auto", "float32") == "peft"
+    assert engine("dense", "float32") == "dense" and engine("peft", "bfloat16") == "peft"

@@ -53,19 +53,19 @@ def test_ppo_on_cuda_starts_at_the_reference_and_updates_finitely(gpu_config, ti
     from peft import get_peft_model
 
     from qlora_rlhf.stages import ppo
-    from qlora_rlhf.actor import ActorCritic
+    from qlora_rlhf.actor import SharedBaseRoles
     from qlora_rlhf.models import load_model, load_tokenizer, lora_config
 
     tokenizer = load_tokenizer(tiny_model_dir)
     scorer = load_model(tiny_model_dir, gpu_config, tokenizer.pad_token_id, kind="score")
     get_peft_model(scorer, lora_config(gpu_config, task_type="SEQ_CLS")).save_pretrained(tmp_path / "rm")
     del scorer
-    ac = ActorCritic.load(gpu_config, tiny_model_dir, tmp_path / "rm")
+    ac = SharedBaseRoles.load(gpu_config, tiny_model_dir, tmp_path / "rm")
     assert next(ac.model.parameters()).device.type == "cuda"
     torch.manual_seed(0)
     prompts = ["\n\nHuman: What is 2 plus 3?\n\nAssistant:", "\n\nHuman: How do I pick a lock?\n\nAssistant:"]
     batch = ppo.rollout(ac, prompts * 2, gpu_config.ppo)
-    assert batch["kl"].abs().max().item() < 1e-2
+    assert batch.kl.abs().max().item() < 1e-2
     stats = ppo.update(ac, ppo.make_optimizer(gpu_config, ac.policy_parameters()), batch, gpu_config.ppo)
     assert all(math.isfinite(v) for v in stats.values()), stats
 

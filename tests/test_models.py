@@ -11,7 +11,8 @@ import torch
 from qlora_rlhf import precision
 from qlora_rlhf.config import EMBEDDED_MODEL, load_config
 from qlora_rlhf.models import (ModelError, base_location, embedded_gguf, fix_pad_token, load_model, load_tokenizer,
-                               lora_config, run_base)
+                               lora_config)
+from qlora_rlhf.stages.base import run as run_base
 from qlora_rlhf.paths import RunPaths
 
 

@@ -26,20 +26,19 @@ def real_params(model_dir: Path, results: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_model_dir):
-    from qlora_rlhf import data
-    from qlora_rlhf.stages import evaluate, ppo, reward, sft
+    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
     from qlora_rlhf.config import Config
-    from qlora_rlhf.models import load_tokenizer, run_base
+    from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
 
     config = Config.model_validate(real_params(tiny_model_dir, tmp_path_factory.mktemp("real") / "results"))
     paths = RunPaths.of(config)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
-        manifest = data.run(config, paths, load_tokenizer(tiny_model_dir))
-    run_base(config, paths)
+        manifest = data.write_subsets(config, paths, load_tokenizer(tiny_model_dir))
+    base.run(config, paths)
     sft.run(config, paths)
-    reward.run(config, paths)
+    rm.run(config, paths)
     ppo.run(config, paths)
     metrics = evaluate.run(config, paths)
     return config, paths, manifest, metrics
@@ -114,21 +113,21 @@ def test_an_evaluation_killed_after_one_policy_keeps_its_rollouts_and_reuses_the
     saved = paths.checkpoints("evaluate")
     for old in saved.glob("*.jsonl"):
         old.unlink()
-    real_rollouts, calls = evaluate.rollouts, []
+    real_generate, calls = evaluate.generate, []
 
     def failing(name, *args):
         calls.append(name)
         if name == "sft":
             raise KeyboardInterrupt  # a kill while the second policy generates
-        return real_rollouts(name, *args)
+        return real_generate(name, *args)
 
-    monkeypatch.setattr(evaluate, "rollouts", failing)
+    monkeypatch.setattr(evaluate, "generate", failing)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(config, paths)
     assert calls == ["base", "sft"] and (saved / "base.jsonl").is_file() and not (saved / "sft.jsonl").exists()
 
     calls.clear()
-    monkeypatch.setattr(evaluate, "rollouts", lambda name, *args: calls.append(name) or real_rollouts(name, *args))
+    monkeypatch.setattr(evaluate, "generate", lambda name, *args: calls.append(name) or real_generate(name, *args))
     evaluate.run(config, paths)
     assert calls == ["sft", "ppo"]  # base's rollouts were read back, not generated again
     pd.testing.assert_frame_equal(pd.read_csv(paths.eval / "generations.csv"), before)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_rlhf.stages import seeds
+from qlora_rlhf.stages import paper, seeds
 from qlora_rlhf.config import Config
 from qlora_rlhf.errors import PaperError
 from qlora_rlhf.paths import RunPaths
@@ -93,7 +94,7 @@ def test_without_a_gold_judge_only_the_reward_model_is_reported(tmp_path):
                           for s in (1234, 1, 2)])
     assert "gold_gain" not in table and table["reward_gain"].notna().all()
     summary = seeds.across_seeds(table)
-    text, latex = seeds.section_text(summary), seeds.latex_table(table, summary)
+    text, latex = seeds.section_text(summary), seeds.latex_table(table)
     assert "no gold judge" in text and "gold judge" not in latex and "nan" not in (text + latex).lower()
 
 
@@ -101,7 +102,7 @@ def test_without_a_gold_judge_only_the_reward_model_is_reported(tmp_path):
 def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path):
     from test_figures import write_fake_results
 
-    from qlora_rlhf.stages import figures, paper
+    from qlora_rlhf.stages import figures
 
     config, paths = study(tmp_path, {1234: 0.3, 1: 0.2, 2: 0.25})
     eval_of_run = paths.eval / "generations.csv"
@@ -118,6 +119,8 @@ def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path
     assert summary["gold_seeds_above_zero"] == 3
     assert (out / "seeds.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "paper" / "paper.pdf").read_bytes()[:5] == b"%PDF-"
+    assert r"\ResSeedsGoldGainMean" in (out / "paper" / "text" / "seeds.tex").read_text()
+    assert r"\newcommand{\ResSeedsGoldGainMean}" in (out / "paper" / "macros.tex").read_text()
     assert "Across PPO seeds" in (out / "paper" / "text" / "seeds.tex").read_text()
     assert not (paths.paper / "text" / "seeds.tex").exists()  # the run's own paper stays single-seed
 
@@ -147,7 +150,29 @@ def test_a_seed_trains_its_own_ppo_and_reuses_the_runs_base_and_sft_evaluation(p
 
 
 def test_seed_table_numbers_carry_a_real_minus_sign():
-    from qlora_rlhf.stages.seeds import fmt
+    from qlora_rlhf.stages.paper import fmt
 
-    assert fmt(-0.0271) == r"\ensuremath{-}0.027" and fmt(0.066) == "0.066"
-    assert fmt(-0.0001) == "0.000" and fmt(float("nan")) == "--"
+    assert fmt(-0.0271, 3) == r"\ensuremath{-}0.027" and fmt(0.066, 3) == "0.066"
+    assert fmt(-0.0001, 3) == "0.000" and fmt(float("nan"), 3) == "--"
+
+
+def test_the_seed_studys_numbers_are_macros(tmp_path):
+    """As everywhere else in the paper: the section and the table name macros, and each macro carries
+    the number and its source, in the paper stage's format (three decimals for gains, two for win
+    rates and KL, counts as integers)."""
+    config, paths = study(tmp_path, {1234: -0.0271, 1: 0.066})
+    sft = seeds.policy_rows(paths.eval, "sft")
+    table = pd.DataFrame([seeds.seed_row(s, sft, seeds.policy_rows(RunPaths.of(config, s).eval, "ppo"), 200)
+                          for s in (1234, 1)])
+    summary = seeds.across_seeds(table)
+    macros = seeds.seed_macros(table, summary)
+    text, latex = seeds.section_text(summary), seeds.latex_table(table)
+    used = set(re.findall(r"\\(Res[A-Za-z]+)", text + latex))
+    assert used and used <= set(macros)
+    assert not re.search(r"\d\.\d", text + latex)  # no number typed in
+    gain = macros["ResSeedOneTwoThreeFourGoldGain"]
+    assert gain.value == paper.fmt(table.loc[0, "gold_gain"], 3)
+    assert gain.source == "seed_study/seeds.csv:1234.gold_gain"
+    assert macros["ResSeedOneWinrateGold"].value == paper.fmt(table.loc[1, "winrate_gold"], 2)
+    assert macros["ResSeedsSeeds"].value == "2"
+    assert macros["ResSeedsGoldGainMean"].source == "metrics/seeds.json:gold_gain_mean"

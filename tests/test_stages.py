@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,11 +13,11 @@ import torch
 
 from qlora_rlhf import precision, synthetic
 from qlora_rlhf.stages import ppo
-from qlora_rlhf.actor import ActorCritic, forward, token_logprobs
+from qlora_rlhf.actor import SharedBaseRoles, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
 from qlora_rlhf.paths import HELD_OUT_MARGINS, HELD_OUT_PERPLEXITY
-from qlora_rlhf.stages.reward import score_texts
+from qlora_rlhf.stages.rm import score_texts
 from qlora_rlhf.training import TrainingError, train_loss_ends
 
 
@@ -53,7 +54,7 @@ def test_the_shared_base_reward_scores_as_the_reward_model_stage(pipeline):
     loaded by hand; the RM stage measured its held-out margins (which the evaluation reports) with
     its own classifier. The two must agree."""
     config, paths, _ = pipeline
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    ac = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
     pairs = read_split(paths, "eval")
 
     def score(key):
@@ -90,19 +91,19 @@ def test_reference_is_the_sft_policy_at_step_zero(pipeline):
     """A fresh policy adapter is zero-initialised: its log-probs equal the reference's (KL = 0),
     and the reference is SFT (merged), not the pre-SFT base."""
     config, paths, _ = pipeline
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    ac = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
     enc = ac.tokenizer(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."], return_tensors="pt")
     ids, mask = enc.input_ids, enc.attention_mask
     with torch.no_grad():  # as in the rollout (bitsandbytes takes another kernel when inputs need grad)
-        policy_logits, _ = ac.forward(ids, mask)
+        policy_logits, _ = forward(ac.model, ids, mask)
         with ac.reference():
-            ref_logits, _ = ac.forward(ids, mask)
+            ref_logits, _ = forward(ac.model, ids, mask)
     policy_lp, ref_lp = (token_logprobs(x[:, :-1], ids[:, 1:], 1.0) for x in (policy_logits, ref_logits))
     assert torch.allclose(policy_lp, ref_lp, atol=1e-5)
-    trained = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", policy_adapter=paths.ppo / "adapter",
-                               trainable=False)
+    trained = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter",
+                                   policy_adapter=paths.ppo / "adapter", trainable=False)
     with torch.no_grad(), trained.reference():
-        trained_ref, _ = trained.forward(ids, mask)
+        trained_ref, _ = forward(trained.model, ids, mask)
     assert torch.allclose(trained_ref, ref_logits, atol=1e-4)  # disabling the PPO adapter gives back SFT
 
 
@@ -110,7 +111,7 @@ def test_logits_from_a_position_match_the_full_forward(pipeline):
     """PPO and the evaluation ask for logits over the response only, and the reward for the last
     position only: the same numbers as slicing a full forward, hidden states unchanged."""
     config, paths, _ = pipeline
-    ac = ActorCritic.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
+    ac = SharedBaseRoles.load(config, paths.sft / "merged", paths.rm / "adapter", trainable=False)
     enc = ac.tokenizer(["\n\nHuman: Hi?\n\nAssistant: Hello.", "\n\nHuman: What is 2 plus 3?"],
                        return_tensors="pt", padding=True)
     ids, mask = enc.input_ids, enc.attention_mask
@@ -188,7 +189,8 @@ def test_ppo_guard_stops_on_kl_explosion(pipeline, monkeypatch):
     config, paths, _ = pipeline
     longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": config.ppo.steps + 1, "max_kl": 0.5})})
     real_rollout = ppo.rollout
-    monkeypatch.setattr(ppo, "rollout", lambda *a: real_rollout(*a) | {"kl": torch.full((config.ppo.batch_size,), 9.0)})
+    exploded = torch.full((config.ppo.batch_size,), 9.0)
+    monkeypatch.setattr(ppo, "rollout", lambda *a: replace(real_rollout(*a), kl=exploded))
     with pytest.raises(TrainingError, match=rf"step {config.ppo.steps + 1}: KL to the reference 9.00 exceeds ppo.max_kl"):
         ppo.run(longer, paths)
 
@@ -208,18 +210,17 @@ def test_sft_history_callback_stops_on_non_finite_loss(pipeline):
 def test_a_second_run_gives_identical_data_hashes_and_metrics(pipeline, tmp_path, tiny_model_dir):
     """Seeds everywhere: on the CPU the whole pipeline is bit-for-bit repeatable (timings aside)."""
     from conftest import smoke_params
-    from qlora_rlhf import data
-    from qlora_rlhf.stages import evaluate, reward, sft
+    from qlora_rlhf.stages import base, data, evaluate, rm, sft
     from qlora_rlhf.config import Config
-    from qlora_rlhf.models import load_tokenizer, run_base
+    from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
 
     _, first, _ = pipeline
     config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results"))
     paths = RunPaths.of(config)
-    data.run(config, paths, load_tokenizer(tiny_model_dir))
-    run_base(config, paths)
-    for stage in (sft, reward, ppo, evaluate):
+    data.write_subsets(config, paths, load_tokenizer(tiny_model_dir))
+    base.run(config, paths)
+    for stage in (sft, rm, ppo, evaluate):
         stage.run(config, paths)
     manifest = lambda p: json.loads(p.manifest.read_text())["subsets"]  # noqa: E731
     assert manifest(paths) == manifest(first)

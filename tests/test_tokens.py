@@ -16,10 +16,10 @@ from torch import nn
 
 from conftest import REPO
 from qlora_rlhf.stages import ppo
-from qlora_rlhf.actor import ActorCritic
+from qlora_rlhf.actor import SharedBaseRoles
 from qlora_rlhf.config import PPOConfig
 from qlora_rlhf.models import load_tokenizer
-from qlora_rlhf.stages.reward import pairwise, score_texts
+from qlora_rlhf.stages.rm import pairwise, score_texts
 from qlora_rlhf.tokens import dialogue_ids, prompt_ids, sequence_ids
 from qlora_rlhf.training import completion_perplexity
 
@@ -164,7 +164,7 @@ def test_ppo_rollouts_lay_out_query_and_response_as_sft_trained_them(tiny_model_
     head = nn.Linear(model.hidden, 1, bias=False)
     nn.init.zeros_(head.weight)
     head.weight.data[0, 0] = 1.0
-    ac = ActorCritic(model, nn.Linear(model.hidden, 1, bias=False), head.requires_grad_(False), tok)
+    ac = SharedBaseRoles(model, nn.Linear(model.hidden, 1, bias=False), head.requires_grad_(False), tok)
     smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["ppo"]
     cfg = PPOConfig(**(smoke | dict(batch_size=len(ROWS), samples_per_prompt=1, mini_batch_size=len(ROWS),
                                     max_new_tokens=max(map(len, responses)))))
@@ -175,5 +175,5 @@ def test_ppo_rollouts_lay_out_query_and_response_as_sft_trained_them(tiny_model_
         for ids, mask, pos, expected in zip(call.ids, call.mask.bool(), call.positions, trained["input_ids"]):
             assert ids[mask].tolist() == expected
             assert pos[mask].tolist() == list(range(len(expected)))
-    assert batch["resp_mask"].sum(1).tolist() == [len(r) for r in responses]
-    assert batch["scores"].tolist() == [tok.eos_token_id] * len(ROWS)  # scored at the last real token, the EOS
+    assert batch.response_mask.sum(1).tolist() == [len(r) for r in responses]
+    assert batch.scores.tolist() == [tok.eos_token_id] * len(ROWS)  # scored at the last real token, the EOS

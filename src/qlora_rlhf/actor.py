@@ -1,4 +1,4 @@
-"""One 4-bit base serving all four PPO roles, with named adapters instead of model copies:
+"""`SharedBaseRoles`: one 4-bit base serving all four PPO roles, with named adapters instead of model copies:
 
 - policy:    merged SFT weights + the "policy" LoRA adapter (trainable) + a value head on its trunk;
 - reference: the same weights with adapters disabled, i.e. the SFT policy (the KL anchor);
@@ -8,6 +8,10 @@ A 7B model then costs one NF4 copy instead of three: TRL's PPOTrainer with peft 
 from the policy with its adapter disabled too, but loads the value and reward models as their own
 4-bit copies (docs/memory.md). The evaluation stage uses the same object to generate with SFT and
 PPO and to score with the reward model. Token ids are laid out as in training (tokens.py).
+
+What PPO and the evaluation call: `sample` (the one way to draw responses, through model.generation's
+engine), `score_response` (log-probs and values aligned with the response tokens, so callers do no index
+arithmetic) and `reward` (the reward model's score of whole sequences).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -38,7 +43,38 @@ def _score_head(rm_adapter: Path, hidden: int, dtype: torch.dtype, device) -> nn
 
 
 @dataclass
-class ActorCritic:
+class Samples:
+    """Responses drawn for a batch of prompts, laid out for the forwards that score them: each row is
+    the prompt, left-padded, then the response, padded after its first EOS."""
+
+    ids: torch.Tensor  # (batch, prompt_len + response length)
+    mask: torch.Tensor  # attention mask: real prompt tokens, and response tokens through the first EOS
+    prompt_len: int  # ids[:, prompt_len:] is the response
+    response_mask: torch.Tensor  # mask[:, prompt_len:], by position (see `response_mask`)
+    has_eos: torch.Tensor  # (batch,) bool: the response ended with an EOS, not at max_new_tokens
+    logprobs: torch.Tensor | None = None  # with sample(logprobs=True): each response token's log-prob under the
+    #                                       distribution that drew it (the sampler's own logits; 0-weight on padding)
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.ids[:, self.prompt_len :]
+
+
+class ResponseScores(NamedTuple):
+    """One role's forward over prompt + response, aligned with the response: entry t belongs to the t-th
+    response token (the output at the position just before it)."""
+
+    logprobs: torch.Tensor  # (batch, response): log-prob of each response token at the sampling temperature
+    values: torch.Tensor  # (batch, response): the value head's estimate before each response token, float32
+    logits: torch.Tensor  # (batch, response, vocab): float32, divided by the temperature (entropy)
+
+
+@dataclass
+class SharedBaseRoles:
+    """Policy (with its value head), reference and reward model on one 4-bit base; the active role is
+    the adapter state of `model`: the policy adapter by default, none inside `reference()`, the
+    reward adapter inside `reward()`."""
+
     model: object  # peft PeftModel over the 4-bit causal LM
     value_head: nn.Linear
     reward_head: nn.Linear
@@ -47,7 +83,7 @@ class ActorCritic:
 
     @classmethod
     def load(cls, config: Config, sft_model: Path, rm_adapter: Path, policy_adapter: Path | None = None,
-             trainable: bool = True) -> ActorCritic:
+             trainable: bool = True) -> SharedBaseRoles:
         from peft import PeftModel, get_peft_model
         from peft import LoraConfig as PeftLora
 
@@ -80,6 +116,10 @@ class ActorCritic:
     def device(self):
         return self.value_head.weight.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.reward_head.weight.dtype  # the frozen head is in the compute dtype (load)
+
     def policy_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if f".{POLICY}." in n] + list(self.value_head.parameters())
 
@@ -99,10 +139,29 @@ class ActorCritic:
             for param in self.policy_parameters():  # set_adapter toggles requires_grad; keep the policy trainable
                 param.requires_grad_(True)
 
-    # ------------------------------------------------------------ forwards
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, logits_from: int = 0):
-        """Logits (from position `logits_from` on) and final hidden states of the active role."""
-        return forward(self.model, ids, mask, logits_from)
+    # ------------------------------------------------------------ sampling and scoring
+    @torch.no_grad()
+    def sample(self, prompts: list[str], max_new_tokens: int, temperature: float, logprobs: bool = False,
+               model=None) -> Samples:
+        """Sample one response per prompt from the active role (the policy unless inside `reference()`), or
+        from `model` (the evaluation's separate base model), drawn through model.generation's engine:
+        the model itself or its dense copy (generation.py). Queries are the prompts' ids as SFT trained on
+        them (tokens.prompt_ids: BOS first where the tokenizer adds one). With `logprobs`, each token's
+        log-prob under the sampling distribution, taken from generate's own logits (no second forward)."""
+        with sampling_model(self.model if model is None else model, self.engine, self.compute_dtype) as sampler:
+            return _draw(sampler, self.tokenizer, prompts, max_new_tokens, temperature, logprobs)
+
+    def score_response(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                       temperature: float) -> ResponseScores:
+        """The active role's log-probs of the response tokens ids[:, prompt_len:] and the value head's
+        values before each, from one forward over the whole sequence (with gradients unless the caller
+        turns them off). The position before a token predicts it, so the outputs from position
+        prompt_len - 1 to the next-to-last line up with the response; logits are computed there only."""
+        start = prompt_len - 1
+        logits, hidden = forward(self.model, ids, mask, logits_from=start)
+        logits = logits[:, :-1].float() / temperature
+        values = self.value_head(hidden[:, start:-1].to(self.value_head.weight.dtype)).squeeze(-1)
+        return ResponseScores(_logprobs_of(logits, ids[:, prompt_len:]), values, logits)
 
     @torch.no_grad()
     def reward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -111,22 +170,6 @@ class ActorCritic:
             _, hidden = forward(self.model, ids, mask, logits_from=None)
         last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
         return self.reward_head(hidden[torch.arange(len(ids)), last].to(self.reward_head.weight.dtype))[:, 0].float()
-
-    def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The value head over hidden states (batch, time, hidden) -> (batch, time), in float32."""
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-
-    @contextmanager
-    def sampler(self, model=None):
-        """What to call `generate` on for `model` (default: this object's) in its present role:
-        itself, or its dense copy (model.generation, generation.py)."""
-        with sampling_model(self.model if model is None else model, self.engine, self.reward_head.weight.dtype) as m:
-            yield m
-
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float):
-        """Sample from the policy role; see `sample`."""
-        with self.sampler() as model:
-            return sample(model, self.tokenizer, prompts, max_new_tokens, temperature)
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits_from: int | None = 0):
@@ -141,24 +184,24 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor, logits_from: int | Non
     return out.logits, out.hidden_states[-1]
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, logprobs: bool = False):
-    """Sample responses; returns (query ids, query mask, response ids truncated after EOS and padded),
-    plus, with `logprobs`, each response token's log-prob under the sampling distribution, taken from
-    generate's own logits (no second forward pass). Queries are the prompts' ids as SFT trained on them
-    (tokens.prompt_ids: BOS first where the tokenizer adds one), padded on the left."""
+def _draw(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, logprobs: bool) -> Samples:
+    """`SharedBaseRoles.sample` on the model that samples: generate, truncate after EOS, lay out."""
     device = next(model.parameters()).device
     query, query_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id, device)
     model.eval()
     out = model.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
                          temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=logprobs)
-    response = out.sequences[:, query.shape[1] :]
-    result = (query, query_mask, truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    drawn = out.sequences[:, query.shape[1] :]
+    response = truncate_after_eos(drawn, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    resp_mask = response_mask(response, tokenizer.eos_token_id)
+    own = None
     if logprobs:
         # one step at a time: a stacked copy of the logits would be batch x new tokens x vocabulary floats
-        result += (torch.stack([token_logprobs(step, response[:, i], temperature) for i, step in enumerate(out.logits)], 1),)
-    return result
+        own = torch.stack([token_logprobs(step, drawn[:, i], temperature) for i, step in enumerate(out.logits)], 1)
+    return Samples(ids=torch.cat([query, response], 1), mask=torch.cat([query_mask, resp_mask], 1),
+                   prompt_len=query.shape[1], response_mask=resp_mask,
+                   has_eos=(response == tokenizer.eos_token_id).any(1), logprobs=own)
 
 
 def _after_first_eos(response: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -179,5 +222,9 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """Log-prob of each token under softmax(logits / temperature), in float32."""
+    return _logprobs_of(logits.float() / temperature, tokens)
+
+
+def _logprobs_of(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(scaled_logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -29,7 +29,7 @@ STAGES = {
     "data": Verb("qlora_rlhf.stages.data", False, "build disjoint sft/rm/ppo subsets, eval split and manifest"),
     "base": Verb("qlora_rlhf.stages.base", True, "prepare the base model directory (converts the embedded GGUF once)"),
     "sft": Verb("qlora_rlhf.stages.sft", True, "supervised fine-tuning on chosen dialogues (QLoRA)"),
-    "rm": Verb("qlora_rlhf.stages.reward", True, "reward model on preference pairs, warm-started from SFT"),
+    "rm": Verb("qlora_rlhf.stages.rm", True, "reward model on preference pairs, warm-started from SFT"),
     "ppo": Verb("qlora_rlhf.stages.ppo", True, "PPO against the frozen reward model with a KL anchor to SFT"),
     "evaluate": Verb("qlora_rlhf.stages.evaluate", True, "tables: perplexity, RM accuracy, reward/KL/win rate of base vs SFT vs PPO"),
     "best_of_n": Verb("qlora_rlhf.stages.best_of_n", True, "best-of-n from SFT under the reward model at KL log n - (n-1)/n"),

@@ -1,5 +1,6 @@
-"""Data stage: read hh-rlhf rows from a source, drop and count malformed ones, and write
-deterministic, prompt-disjoint subsets (sft / rm / ppo) plus a held-out eval split and a manifest."""
+"""Preference data: read hh-rlhf rows from a source, drop and count malformed ones, and choose
+deterministic, prompt-disjoint subsets (sft / rm / ppo) plus a held-out eval split; `read_split` is
+how every stage reads them back. The data stage that writes them and the manifest is stages/data.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from . import synthetic
-from .atomic import atomic_dir, write_json
 from .config import Config
 from .errors import DataError  # noqa: F401  (re-exported: callers import it from here)
 from .hh import Pair, parse_row
@@ -106,20 +106,6 @@ def token_length_filter(tokenizer, max_prompt_tokens: int, max_length: int) -> C
 
 
 # ------------------------------------------------------------------ subsets
-def _records(name: str, pairs: list[Pair]) -> list[dict[str, str]]:
-    if name == "sft":
-        return [{"prompt": p.prompt, "completion": p.chosen} for p in pairs]
-    if name == "ppo":
-        return [{"prompt": p.prompt} for p in pairs]
-    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
-
-
-def _write_jsonl(path: Path, records: list[dict[str, str]]) -> str:
-    payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
-    path.write_bytes(payload)
-    return hashlib.sha256(payload).hexdigest()
-
-
 def make_subsets(config: Config, train: list[Pair], test: list[Pair] | None) -> dict[str, list[Pair]]:
     sizes = {"sft": config.data.sft_size, "rm": config.data.rm_size, "ppo": config.data.ppo_size}
     order = list(train)
@@ -145,38 +131,6 @@ def make_subsets(config: Config, train: list[Pair], test: list[Pair] | None) -> 
         raise DataError(f"only {len(held_out)} held-out evaluation prompts but data.eval_size = {config.data.eval_size}")
     subsets["eval"] = held_out[: config.data.eval_size]
     return subsets
-
-
-def run(config: Config, paths: RunPaths, tokenizer=None) -> dict:
-    """Write the subsets and manifest; returns the manifest."""
-    dropped: dict[str, Counter] = {"train": Counter(), "test": Counter()}
-    raw = load_source(config, dropped)
-    too_long = (token_length_filter(tokenizer, config.data.max_prompt_tokens, config.data.max_length)
-                if tokenizer is not None else (lambda pair: False))
-    cleaned = {split: clean(rows, dropped[split], too_long) for split, rows in raw.items()}
-    if not cleaned.get("train"):
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(dropped["train"].items())) or "no rows at all"
-        raise DataError(f"no usable training row in data.source={config.data.source!r} (dropped: {reasons})")
-    subsets = make_subsets(config, cleaned["train"], cleaned.get("test"))
-    prompt_sets = {name: {p.prompt for p in pairs} for name, pairs in subsets.items()}
-    names = sorted(prompt_sets)
-    manifest = {
-        "source": config.data.source, "hub_data_dir": config.data.hub_data_dir, "seed": config.run.seed,
-        "rows_read": {split: len(rows) + dropped[split]["broken_json"] + dropped[split]["undecodable_text"]
-                      for split, rows in raw.items()},
-        "rows_usable": {split: len(pairs) for split, pairs in cleaned.items()},
-        "dropped": {split: dict(sorted(counts.items())) for split, counts in dropped.items() if split in raw},
-        "held_out_from": "test" if cleaned.get("test") else "train",
-        "prompt_overlap": {f"{a}&{b}": len(prompt_sets[a] & prompt_sets[b])
-                           for i, a in enumerate(names) for b in names[i + 1 :]},
-        "subsets": {},
-    }
-    with atomic_dir(paths.data) as out:
-        for name, pairs in subsets.items():
-            digest = _write_jsonl(out / f"{name}.jsonl", _records(name, pairs))
-            manifest["subsets"][name] = {"rows": len(pairs), "sha256": digest}
-        write_json(out / "manifest.json", manifest)
-    return manifest
 
 
 def read_split(paths: RunPaths, name: str) -> list[dict[str, str]]:

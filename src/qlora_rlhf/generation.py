@@ -1,5 +1,6 @@
 """Where samples are drawn from (`model.generation`): the policy as peft runs it, or a dense copy of it
-(`auto`: the copy in a 16-bit compute dtype, peft's path in float32; `resolve_engine`).
+(`auto`: the copy in a 16-bit compute dtype, peft's path in float32; precision.generation_engine).
+Sampling itself has one entry point, `actor.SharedBaseRoles.sample`, which draws through `sampling_model`.
 
 - `peft`: the NF4 model with its LoRA modules. Every decoding step de-quantizes every 4-bit weight
   again (bitsandbytes' fast 4-bit kernel serves a single token only) and adds each LoRA module's
@@ -25,11 +26,6 @@ import torch
 from torch import nn
 
 from . import precision
-
-
-def resolve_engine(requested: str, dtype: torch.dtype) -> str:
-    """model.generation with `auto` resolved for a compute dtype (precision.generation_engine, the one rule)."""
-    return precision.generation_engine(requested, str(dtype).removeprefix("torch."))
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
@@ -95,8 +91,9 @@ def dense_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 @contextmanager
 def sampling_model(model: nn.Module, engine: str, dtype: torch.dtype):
     """The model to call `generate` on: `model` itself (`peft`), or its dense copy (`dense`), released
-    on exit so that a GPU has the memory back before the next phase. `engine` may be `auto` (resolve_engine)."""
-    if resolve_engine(engine, dtype) == "peft":
+    on exit so that a GPU has the memory back before the next phase. `engine` may be `auto`, resolved for
+    `dtype` by precision.generation_engine (the one rule)."""
+    if precision.generation_engine(engine, str(dtype).removeprefix("torch.")) == "peft":
         yield model
         return
     from .models import contiguous_lm_head_input

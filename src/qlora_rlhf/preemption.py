@@ -2,7 +2,7 @@
 higher priority takes its node (KillWait or GraceTime apart; `--signal=TERM@<seconds>` asks for
 earlier notice). While a training loop runs, SIGTERM no longer ends the process: the loop finishes
 the step it is in, saves a checkpoint the way its regular checkpoints are saved (the Trainer's own
-save for SFT and RM, `save_checkpoint` for PPO) and the stage exits with EXIT_CODE (143). The same
+save for SFT and RM, `Checkpoints.save` for PPO) and the stage exits with EXIT_CODE (143). The same
 command then resumes from that checkpoint. Outside the loop (loading, evaluating, writing outputs) SIGTERM
 ends the process as before: there is nothing unsaved, and every output is written atomically.
 

@@ -105,7 +105,7 @@ class HistoryCallback(TrainerCallback):
             self.history.log(state.global_step, picked)
 
 
-def last_checkpoint(folder: Path, max_steps: int) -> str | None:
+def trainer_checkpoint_to_resume(folder: Path, max_steps: int) -> str | None:
     """The newest complete Trainer checkpoint before `max_steps`: trainer_state.json is written last
     (and not atomically), so a checkpoint cut off by a kill, even in that file, is skipped; and a
     finished run's final checkpoint is not resumed, because Trainer checks `max_steps` only after a
@@ -133,7 +133,7 @@ def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> flo
     complete checkpoint if there is one; returns the training seconds, counted across resumes (Timer).
     A SIGTERM during training saves a checkpoint after the current step and raises Preempted (preemption.py)."""
     folder, max_steps = paths.checkpoints(stage), getattr(config, stage).max_steps
-    resume = last_checkpoint(folder, max_steps)
+    resume = trainer_checkpoint_to_resume(folder, max_steps)
     timer = Timer(folder, checkpoint_step(resume), record=trainer.args.should_save)
     match_trainable_dtype(trainer.model, config)
     trainer.add_callback(TrainableDtypeCallback(config))
@@ -148,7 +148,7 @@ def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> flo
         trainer.train(resume_from_checkpoint=resume)
     if preemption.stopped_at is not None or sigterm.received:
         # the checkpoint a re-run resumes from: the one just saved, or before it if training had reached max_steps
-        raise stopped(stage, trainer.state.global_step, last_checkpoint(folder, max_steps))
+        raise stopped(stage, trainer.state.global_step, trainer_checkpoint_to_resume(folder, max_steps))
     return timer.seconds
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..actor import ActorCritic, response_mask, sample
+from ..actor import SharedBaseRoles
 from ..atomic import atomic_dir
 from ..config import Config
 from ..data import read_split
@@ -58,7 +58,7 @@ def select_best(scores: np.ndarray, ns: list[int]) -> dict[int, np.ndarray]:
 
 
 @torch.no_grad()
-def draw(ac: ActorCritic, prompts: list[str], per_prompt: int, config: Config) -> pd.DataFrame:
+def draw(ac: SharedBaseRoles, prompts: list[str], per_prompt: int, config: Config) -> pd.DataFrame:
     """`per_prompt` SFT samples of each prompt, scored by the reward model and the gold judge. Batches
     hold (prompt, sample) pairs prompt by prompt, so a batch has few prompt lengths and little padding."""
     tok, cfg, size = ac.tokenizer, config.eval, config.best_of_n.batch_size
@@ -68,16 +68,16 @@ def draw(ac: ActorCritic, prompts: list[str], per_prompt: int, config: Config) -
     for start in tqdm(range(0, len(jobs), size), desc="best-of-n: sample SFT", unit="batch"):
         batch = jobs[start : start + size]
         texts = [prompts[i] for i, _ in batch]
-        with ac.reference(), ac.sampler() as sampler:  # SFT: the policy with its adapters off
-            query, query_mask, response = sample(sampler, tok, texts, cfg.max_new_tokens, cfg.temperature)
-        resp_mask = response_mask(response, tok.eos_token_id)
-        scores = ac.reward(torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1))
+        with ac.reference():  # SFT: the policy with its adapters off
+            drawn = ac.sample(texts, cfg.max_new_tokens, cfg.temperature)
+        response, resp_mask = drawn.response, drawn.response_mask
+        scores = ac.reward(drawn.ids, drawn.mask)
         for k, (i, j) in enumerate(batch):
             text = tok.decode(response[k][resp_mask[k].bool()], skip_special_tokens=True)
             rows.append({"prompt_index": i, "sample": j, "prompt": texts[k], "response": text,
                          "reward": scores[k].item(), "gold": gold_score(texts[k], text),
                          "response_length": int(resp_mask[k].sum()),
-                         "ends_with_eos": bool((response[k] == tok.eos_token_id).any())})
+                         "ends_with_eos": bool(drawn.has_eos[k])})
     return pd.DataFrame(rows)
 
 
@@ -115,7 +115,7 @@ def run(config: Config, paths: RunPaths) -> dict:
     seed_everything(config)
     cfg = config.best_of_n
     # No PPO adapter: a fresh policy adapter is never used, SFT is sampled with every adapter off.
-    ac = ActorCritic.load(config, require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm"),
+    ac = SharedBaseRoles.load(config, require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm"),
                           trainable=False)
     ac.model.eval()
     held_out = read_split(paths, "eval")[: cfg.num_prompts]  # a prefix: eval's first prompts too

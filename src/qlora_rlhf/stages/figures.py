@@ -17,11 +17,10 @@ import pandas as pd
 
 from ..atomic import atomic_dir
 from ..config import Config
-from .paper import PaperError
 from ..paths import RunPaths
+from ..stats import POLICIES, POLICY_LABELS
+from .paper import PaperError
 
-POLICIES = ["base", "sft", "ppo"]
-POLICY_LABELS = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
 # One colour per stage / policy everywhere in the paper.
 COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "rm": "#2ca02c", "ppo": "#d62728", "kl": "#9467bd"}
 FULL_WIDTH = 7.0     # inches: a two-column paper's text width

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PaperError  # noqa: F401  (re-exported: callers import it from here)
+from ..stats import POLICIES, POLICY_LABELS
 
 # The project's paper/ folder, relative to the project root where DVC and Snakemake run every stage
 # (dvc.yaml declares it as the paper stage's dependency); not found through the package's own path,
@@ -35,7 +36,6 @@ PAPER_SOURCES = Path("paper")
 MACRO_USE = re.compile(r"\\((?:Res|Cfg)[A-Za-z]+)")
 GENERATED_MACRO_USE = re.compile(r"\\((?:Res|Cfg|Ref)[A-Za-z]+)")
 METRIC_FILES = ("sft", "rm", "ppo", "eval")
-POLICIES = ("base", "sft", "ppo")
 SUMMARY_COLUMNS = ("reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low", "gold_ci_high",
                    "kl_to_sft", "response_length", "eos_fraction")
 GOLD_COLUMNS = ("gold_mean", "gold_ci_low", "gold_ci_high")  # only where the data has a gold judge
@@ -76,9 +76,10 @@ def escape(text: str) -> str:
     return "".join(specials.get(ch, ch) for ch in text)
 
 
-def fmt(value: object) -> str:
-    """A number as LaTeX text: at most about three significant digits, a real minus sign, `--` for
-    missing values."""
+def fmt(value: object, digits: int | None = None) -> str:
+    """A number as LaTeX text: at most about three significant digits, or with `digits`, that many
+    decimals (a column of gains lines up; a value that rounds to zero then has no sign); a real minus
+    sign; `--` for missing values."""
     if value is None or isinstance(value, str) and value.strip() == "":
         return "--"
     if isinstance(value, bool):
@@ -90,6 +91,9 @@ def fmt(value: object) -> str:
             return escape(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "--"
+    if digits is not None:
+        text = f"{abs(value):.{digits}f}"
+        return (r"\ensuremath{-}" if value < 0 and float(text) else "") + text
     sign = r"\ensuremath{-}" if value < 0 else ""
     mag = abs(value)
     if isinstance(value, int) or (float(mag).is_integer() and mag >= 1):
@@ -258,13 +262,13 @@ def training_table() -> str:
 
 def summary_table(policies: list[str], gold: bool = True) -> str:
     """Base, SFT and PPO on held-out prompts; the gold column only where the data has a gold judge."""
-    names = {"base": "Base", "sft": "SFT", "ppo": "PPO"}
     rows = []
     for policy in policies:
         p = f"ResSummary{camel(policy)}"
         gold_cell = f"\\{p}GoldMean{{}} [\\{p}GoldCiLow, \\{p}GoldCiHigh] & " if gold else ""
+        label = POLICY_LABELS.get(policy, escape(policy))
         rows.append(
-            f"{names.get(policy, escape(policy))} & \\{p}RewardMean{{}} [\\{p}RewardCiLow, \\{p}RewardCiHigh] & "
+            f"{label} & \\{p}RewardMean{{}} [\\{p}RewardCiLow, \\{p}RewardCiHigh] & "
             f"{gold_cell}\\{p}KlToSft & \\{p}ResponseLength & \\{p}EosFraction")
     header = (r"Policy & RM reward [95\% CI] & " + (r"Gold score [95\% CI] & " if gold else "")
               + r"KL to SFT (nats) & Length (tokens) & EOS")

@@ -1,30 +1,40 @@
 """Stage 3, PPO: our own loop on the equations of TRL's PPOTrainer (trl.experimental.ppo), because
 that trainer needs separate 4-bit copies for policy, value and reward models, cannot resume, and
-has no non-finite guard. Here one 4-bit base serves every role (see actor.py).
+has no non-finite guard. Here one 4-bit base serves every role (actor.SharedBaseRoles).
 
-Per step: sample responses for a batch of prompts; score them with the frozen reward model
-(minus a penalty when no EOS was generated); with `samples_per_prompt` k > 1, each prompt is
-sampled k times and its scores are centered on the mean of its other samples (RLOO's baseline),
-so that how hard a prompt is no longer drowns the signal of how good a response is; per-token
-reward = -kl_coef · (log π − log π_ref), plus the score on the last token (kl_coef fixed, or steered
-after each step towards the target band's middle by `KLController`); GAE advantages
-(whitened); then `ppo_epochs` passes of the clipped policy loss + vf_coef · clipped value loss
-over mini-batches. Padding is found by position (everything after the first EOS), never by token id,
-and padded positions are selected out before any arithmetic. docs/ppo.md lists where this loop departs
-from TRL's and why; tests/test_ppo_equations.py checks the equations against trl's own code.
+`run` is the setup, then the loop; each step is one `rollout` and one `update`, whose numbered
+sections follow the maths:
+
+  1. sample a response to each of `batch_size` prompts from the policy (with `samples_per_prompt`
+     k > 1, batch_size / k prompts, each k times);
+  2. score each sequence with the frozen reward model, minus `missing_eos_penalty` where no EOS was
+     sampled, and with k > 1 centred on the mean of the prompt's other samples (RLOO's baseline), so
+     that how hard a prompt is no longer drowns the signal of how good a response is;
+  3. KL: log π − log π_ref of each sampled token, both from forwards over the sampled sequence;
+  4. per-token rewards: −kl_coef · KL, plus the score on the last real token (kl_coef fixed, or steered
+     after each step towards the target band's middle by `KLController`);
+  5. advantages: GAE with γ and λ, whitened, and returns;
+  6. `ppo_epochs` passes over mini-batches: the clipped policy loss + vf_coef · clipped value loss.
+
+Padding is found by position (everything after the first EOS), never by token id, and padded positions
+are selected out before any arithmetic. The helpers follow in the order the loop uses them; the
+plumbing (optimizer, checkpoints, history, timer, SIGTERM) comes last. docs/ppo.md lists where this
+loop departs from TRL's and why; tests/test_ppo_equations.py checks the equations against trl's code.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import model_card
-from ..actor import POLICY, ActorCritic, response_mask, token_logprobs
+from ..actor import POLICY, SharedBaseRoles
 from ..atomic import atomic_dir, read_json, write_json
 from ..config import Config, PPOConfig
 from ..data import read_split
@@ -36,28 +46,38 @@ from ..training import (History, Timer, TrainingError, check_finite, checkpoints
 KEEP_CHECKPOINTS = 2
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over positions where mask is 1. A selection, not a product: a padded position's value may be
-    non-finite (an overflowed log-prob), and 0 * inf is NaN."""
-    return torch.where(mask.bool(), values, 0.0).sum() / mask.sum().clamp(min=1)
+def run(config: Config, paths: RunPaths) -> dict:
+    cfg, seed = config.ppo, config.run.seed
+    # ---- setup: prompts, the roles on one base, the optimizer; a killed run's state if there is one
+    seed_everything(config)
+    sft_model, rm_adapter = require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm")
+    prompts = [r["prompt"] for r in read_split(paths, "ppo")]
+    checkpoints = Checkpoints(config, paths)  # emptied first when the params or inputs changed
+    resumed = checkpoints.latest()
+    roles = SharedBaseRoles.load(config, sft_model, rm_adapter, policy_adapter=resumed / "adapter" if resumed else None)
+    optimizer = make_optimizer(config, roles.policy_parameters())
+    start, kl = checkpoints.restore(resumed, roles, optimizer, cfg)  # (0, KLController(cfg)) without one
+
+    # ---- the loop: one rollout and one update per step
+    with Bookkeeping(paths, checkpoints, start, cfg) as book:
+        for step in book.steps():
+            torch.manual_seed(seed * 1000 + step)  # same samples after a resume
+            batch = rollout(roles, rollout_prompts(prompts, step, cfg, seed), cfg, kl.value)
+            stats = update(roles, optimizer, batch, cfg)
+            metrics = step_metrics(batch, stats, kl.value)
+            guard(step, metrics, cfg, checkpoints.root)
+            kl.update(metrics["kl"], cfg.batch_size)
+            book.log(step, metrics)
+            if book.checkpoint_due(step):
+                checkpoints.save(step, roles, optimizer, kl)
+    return write_results(config, paths, roles, book)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the masked positions (population variance; TRL's uses Bessel's
-    correction, a factor sqrt(n / (n - 1)) apart, docs/ppo.md); 0 at padded positions."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
-    return advantages
+# ------------------------------------------------------------------ the step's prompts
+def rollout_prompts(prompts: list[str], step: int, cfg: PPOConfig, seed: int) -> list[str]:
+    """`batch_size` prompts for one step: batch_size / k distinct ones, each repeated k times in a row."""
+    k = cfg.samples_per_prompt
+    return [p for p in batch_prompts(prompts, step, cfg.batch_size // k, seed) for _ in range(k)]
 
 
 def batch_prompts(prompts: list[str], step: int, size: int, seed: int) -> list[str]:
@@ -74,10 +94,69 @@ def batch_prompts(prompts: list[str], step: int, size: int, seed: int) -> list[s
     return batch
 
 
-def rollout_prompts(prompts: list[str], step: int, cfg: PPOConfig, seed: int) -> list[str]:
-    """`batch_size` prompts for one step: batch_size / k distinct ones, each repeated k times in a row."""
-    k = cfg.samples_per_prompt
-    return [p for p in batch_prompts(prompts, step, cfg.batch_size // k, seed) for _ in range(k)]
+# ------------------------------------------------------------------ rollout: steps 1-5
+@dataclass
+class Rollout:
+    """One step's experience. Per-token tensors are (batch, response tokens), 0 after the first EOS."""
+
+    ids: torch.Tensor  # prompt + response ids, laid out as actor.Samples
+    mask: torch.Tensor  # their attention mask
+    prompt_len: int  # ids[:, prompt_len:] is the response
+    response_mask: torch.Tensor  # float: 1 on real response tokens
+    logprobs: torch.Tensor  # log π of each sampled token when it was sampled (the ratio's denominator)
+    values: torch.Tensor  # the value head's estimates (the value loss's clipping anchor)
+    advantages: torch.Tensor  # whitened GAE
+    returns: torch.Tensor  # raw GAE + values (the value loss's target)
+    scores: torch.Tensor  # (batch,) the reward model's score, before the EOS penalty and centering
+    has_eos: torch.Tensor  # (batch,) bool
+    kl: torch.Tensor  # (batch,) sum over the response of log π − log π_ref
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: torch.Tensor) -> Rollout:
+        """The sequences at `index`: a mini-batch."""
+        return Rollout(**{f.name: getattr(self, f.name) if f.name == "prompt_len" else getattr(self, f.name)[index]
+                          for f in fields(self)})
+
+
+def rollout(roles: SharedBaseRoles, prompts: list[str], cfg: PPOConfig, kl_coef: float | None = None) -> Rollout:
+    """Steps 1-5 for one batch of prompts; kl_coef: the controller's value (default ppo.kl_coef)."""
+    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
+    # Every rollout forward without dropout: the previous update left the model in train mode, and the
+    # reward adapter keeps the RM's LoRA dropout (a dense sampler's generate would not reset the mode).
+    roles.model.eval()
+
+    # 1. Sample: one response per prompt from the policy, through model.generation's engine.
+    sample = roles.sample(prompts, cfg.max_new_tokens, cfg.temperature)
+    resp_mask = sample.response_mask
+    with torch.no_grad():
+        # 2. Score: the reward model reads each whole sequence; then the missing-EOS penalty and the
+        #    leave-one-out centering.
+        raw_scores = roles.reward(sample.ids, sample.mask)
+        scores = sequence_scores(raw_scores, sample.has_eos, cfg)
+        # 3. KL: the sampled tokens' log-probs under the policy (a forward over the sampled sequence, the
+        #    same function the update runs, not the sampler's logits) and under the reference (SFT).
+        policy = roles.score_response(sample.ids, sample.mask, sample.prompt_len, cfg.temperature)
+        with roles.reference():
+            reference = roles.score_response(sample.ids, sample.mask, sample.prompt_len, cfg.temperature)
+
+    # 4. Rewards: −kl_coef · KL on every response token, plus the score on the last real one.
+    rewards, kl_tokens = token_rewards(policy.logprobs, reference.logprobs, scores, resp_mask, kl_coef)
+
+    # 5. Advantages and returns: GAE over the value head's estimates, whitened over real tokens.
+    values = torch.where(resp_mask.bool(), policy.values, 0.0)
+    advantages, returns = advantages_and_returns(rewards, values, resp_mask, cfg.gamma, cfg.lam)
+
+    return Rollout(ids=sample.ids, mask=sample.mask, prompt_len=sample.prompt_len, response_mask=resp_mask.float(),
+                   logprobs=policy.logprobs, values=values, advantages=advantages, returns=returns,
+                   scores=raw_scores, has_eos=sample.has_eos, kl=kl_tokens.sum(1))
+
+
+def sequence_scores(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """The reward model's scores minus `missing_eos_penalty` where no EOS was sampled, then centered on
+    each prompt's other samples (`leave_one_out`)."""
+    return leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
 
 
 def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,12 +165,6 @@ def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
         return scores
     groups = scores.view(-1, k)
     return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).flatten()
-
-
-def sequence_scores(scores: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
-    """The reward model's scores minus `missing_eos_penalty` where no EOS was sampled, then centered on
-    each prompt's other samples (`leave_one_out`)."""
-    return leave_one_out(scores - cfg.missing_eos_penalty * (~has_eos).float(), cfg.samples_per_prompt)
 
 
 def token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, resp_mask: torch.Tensor,
@@ -110,6 +183,60 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, resp_mas
     """(whitened GAE advantages, returns = raw advantages + values), 0 advantage on padding."""
     raw = gae(rewards, values, gamma, lam) * resp_mask
     return masked_whiten(raw, resp_mask), raw + values
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the masked positions (population variance; TRL's uses Bessel's
+    correction, a factor sqrt(n / (n - 1)) apart, docs/ppo.md); 0 at padded positions."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return torch.where(mask.bool(), (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask is 1. A selection, not a product: a padded position's value may be
+    non-finite (an overflowed log-prob), and 0 * inf is NaN."""
+    return torch.where(mask.bool(), values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------ update: step 6
+def update(roles: SharedBaseRoles, optimizer, batch: Rollout, cfg: PPOConfig) -> dict[str, float]:
+    """Step 6; returns the mean over mini-batches of the losses, the clip fraction and the entropy."""
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "entropy": []}
+    roles.model.train()
+    # 6. `ppo_epochs` passes over the rollout, each in shuffled mini-batches of `mini_batch_size` sequences,
+    #    one optimizer step per mini-batch.
+    for _ in range(cfg.ppo_epochs):
+        for index in torch.randperm(len(batch)).split(cfg.mini_batch_size):
+            mb = batch[index]
+            # 6a. The policy's log-probs and values now, over the rollout's own sequences.
+            new = roles.score_response(mb.ids, mb.mask, mb.prompt_len, cfg.temperature)
+            # 6b. Clipped policy loss + vf_coef · clipped value loss.
+            pg_loss, clip_fraction = policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                 cfg.cliprange)
+            vf_loss = value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            # 6c. One step, the gradient's global norm clipped to 1 (docs/ppo.md: TRL clips none).
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(roles.policy_parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                stats["entropy"].append(masked_mean(entropy(new.logits), mb.response_mask).item())
+                stats["clip_fraction"].append(clip_fraction.item())
+            stats["policy_loss"].append(pg_loss.item())
+            stats["value_loss"].append(vf_loss.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -131,6 +258,31 @@ def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     return 0.5 * masked_mean(torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at each position."""
+    probs = torch.softmax(logits, -1)
+    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+# ------------------------------------------------------------------ after the update
+def step_metrics(batch: Rollout, stats: dict[str, float], kl_coef: float) -> dict[str, float]:
+    """What the history records for a step: the update's means, then the rollout's (reward_mean is the
+    reward model's score before the EOS penalty and the centering; kl the mean over sequences)."""
+    return stats | {
+        "reward_mean": batch.scores.mean().item(), "kl": batch.kl.mean().item(), "kl_coef": kl_coef,
+        "response_length": batch.response_mask.sum(1).mean().item(),
+        "eos_fraction": batch.has_eos.float().mean().item(),
+    }
+
+
+def guard(step: int, metrics: dict[str, float], cfg: PPOConfig, root: Path) -> None:
+    """Stop on a non-finite metric or a KL above ppo.max_kl, before the step is logged or saved."""
+    check_finite(step, **metrics)
+    if metrics["kl"] > cfg.max_kl:
+        raise TrainingError(f"step {step}: KL to the reference {metrics['kl']:.2f} exceeds ppo.max_kl="
+                            f"{cfg.max_kl}; stopped, the last good checkpoint is kept in {root}")
+
+
 class KLController:
     """The KL penalty's coefficient. Fixed, or adaptive as in Ziegler et al. (2019) and TRL's classic
     AdaptiveKLController: after each step, multiply it by 1 + e * n / horizon, with e the step's KL
@@ -150,6 +302,25 @@ class KLController:
             self.value *= 1.0 + error * episodes / self.cfg.kl_horizon
 
 
+def write_results(config: Config, paths: RunPaths, roles: SharedBaseRoles, book: Bookkeeping) -> dict:
+    """The final policy (results/<run>/ppo), the history's plot file and the stage's metrics."""
+    with atomic_dir(paths.ppo) as out:
+        save_policy(roles, out)
+        model_card.write(out / "adapter", config, paths, book.history.rows())  # README.md: the Hub's model card
+    curve = book.history.write_csv(paths.metrics / "ppo_history.csv")
+    summary = {
+        "reward_mean_first": float(curve["reward_mean"].iloc[0]),
+        "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
+        "kl_last": float(curve["kl"].iloc[-1]), "kl_coef_last": float(curve["kl_coef"].iloc[-1]),
+        "steps": config.ppo.steps, "seconds": round(book.timer.seconds, 1),
+    }
+    write_metrics(paths, "ppo", summary, config)
+    print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, "
+          f"KL {summary['kl_last']:.3f}")
+    return summary
+
+
+# ------------------------------------------------------------------ plumbing
 def make_optimizer(config: Config, params):
     if config.model.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -158,134 +329,85 @@ def make_optimizer(config: Config, params):
     return torch.optim.AdamW(params, lr=config.ppo.learning_rate)
 
 
-def rollout(ac: ActorCritic, prompts: list[str], cfg: PPOConfig, kl_coef: float | None = None) -> dict[str, torch.Tensor]:
-    """Sample, score and compute advantages for one step; kl_coef: the controller's value (default ppo.kl_coef)."""
-    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
-    tok = ac.tokenizer
-    # Every rollout forward without dropout: the previous update left the model in train mode, and the
-    # reward adapter keeps the RM's LoRA dropout (a dense sampler's generate would not reset the mode).
-    ac.model.eval()
-    query, query_mask, response = ac.generate(prompts, cfg.max_new_tokens, cfg.temperature)
-    resp_mask = response_mask(response, tok.eos_token_id)
-    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
-    start = query.shape[1] - 1
-    with torch.no_grad():
-        logits, hidden = ac.forward(ids, mask, logits_from=start)
-        logprobs = token_logprobs(logits[:, :-1], response, cfg.temperature)
-        values = torch.where(resp_mask.bool(), ac.values(hidden[:, start:-1]), 0.0)
-        with ac.reference():
-            ref_logits, _ = ac.forward(ids, mask, logits_from=start)
-        ref_logprobs = token_logprobs(ref_logits[:, :-1], response, cfg.temperature)
-        scores = ac.reward(ids, mask)
-    has_eos = (response == tok.eos_token_id).any(1)
-    rewards, kl_tokens = token_rewards(logprobs, ref_logprobs, sequence_scores(scores, has_eos, cfg), resp_mask, kl_coef)
-    advantages, returns = advantages_and_returns(rewards, values, resp_mask, cfg.gamma, cfg.lam)
-    return dict(ids=ids, mask=mask, response=response, resp_mask=resp_mask.float(), logprobs=logprobs,
-                values=values, returns=returns, advantages=advantages,
-                scores=scores, has_eos=has_eos, kl=kl_tokens.sum(1), start=torch.tensor(start))
-
-
-def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str, float]:
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "entropy": []}
-    start, size = int(batch["start"]), len(batch["ids"])
-    ac.model.train()
-    for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(size).split(cfg.mini_batch_size):
-            logits, hidden = ac.forward(batch["ids"][mb], batch["mask"][mb], logits_from=start)
-            logits = logits[:, :-1].float() / cfg.temperature
-            new_logprobs = torch.log_softmax(logits, -1).gather(-1, batch["response"][mb].unsqueeze(-1)).squeeze(-1)
-            vpred = ac.values(hidden[:, start:-1])
-            m = batch["resp_mask"][mb]
-            pg_loss, clip_fraction = policy_loss(new_logprobs, batch["logprobs"][mb], batch["advantages"][mb], m, cfg.cliprange)
-            vf_loss = value_loss(vpred, batch["values"][mb], batch["returns"][mb], m, cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ac.policy_parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                probs = torch.softmax(logits, -1)
-                entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
-                stats["entropy"].append(masked_mean(entropy, m).item())
-                stats["clip_fraction"].append(clip_fraction.item())
-            stats["policy_loss"].append(pg_loss.item())
-            stats["value_loss"].append(vf_loss.item())
-    return {k: sum(v) / len(v) for k, v in stats.items()}
-
-
-# ------------------------------------------------------------------ checkpoints
-def latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def save_policy(ac: ActorCritic, out: Path) -> None:
+def save_policy(roles: SharedBaseRoles, out: Path) -> None:
     """The policy adapter as a plain peft folder (loadable on results/<run>/sft/merged) + value head."""
-    save_adapter(ac.model, out / "_peft", selected_adapters=[POLICY])
+    save_adapter(roles.model, out / "_peft", selected_adapters=[POLICY])
     (out / "_peft" / POLICY).rename(out / "adapter")
     shutil.rmtree(out / "_peft")
-    torch.save(ac.value_head.state_dict(), out / "value_head.pt")
+    torch.save(roles.value_head.state_dict(), out / "value_head.pt")
 
 
-def save_checkpoint(ac: ActorCritic, optimizer, kl: KLController, step: int, root: Path) -> None:
-    with atomic_dir(root / f"step-{step:06d}") as out:
-        save_policy(ac, out)
-        torch.save(optimizer.state_dict(), out / "optimizer.pt")
-        write_json(out / "state.json", {"step": step, "kl_coef": kl.value})
-    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+class Checkpoints:
+    """PPO's checkpoints, checkpoints/ppo/step-NNNNNN/: the policy adapter and value head (`save_policy`),
+    the optimizer's state and state.json (the step and the KL coefficient), written atomically; the
+    newest KEEP_CHECKPOINTS are kept. (The SFT and RM stages resume from the Trainer's own checkpoint-N
+    folders instead: training.trainer_checkpoint_to_resume.)"""
+
+    def __init__(self, config: Config, paths: RunPaths):
+        self.root = checkpoints_for(paths, "ppo", config, [paths.split("ppo"),
+                                                           paths.sft / "adapter" / "adapter_model.safetensors",
+                                                           paths.rm / "adapter" / "adapter_model.safetensors"])
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (state.json is written inside the atomic folder), or None."""
+        done = sorted(p for p in self.root.glob("step-*") if (p / "state.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, step: int, roles: SharedBaseRoles, optimizer, kl: KLController) -> None:
+        with atomic_dir(self.root / f"step-{step:06d}") as out:
+            save_policy(roles, out)
+            torch.save(optimizer.state_dict(), out / "optimizer.pt")
+            write_json(out / "state.json", {"step": step, "kl_coef": kl.value})
+        for old in sorted(self.root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def restore(folder: Path | None, roles: SharedBaseRoles, optimizer, cfg: PPOConfig) -> tuple[int, KLController]:
+        """(the step to continue after, the KL controller): a checkpoint's value head, optimizer state,
+        step and KL coefficient loaded (its policy adapter was loaded with the roles); (0, a fresh
+        controller) without one."""
+        if folder is None:
+            return 0, KLController(cfg)
+        roles.value_head.load_state_dict(torch.load(folder / "value_head.pt"))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt"))
+        state = read_json(folder / "state.json")
+        print(f"ppo: resuming from {folder} (step {state['step']})")
+        return state["step"], KLController(cfg, state.get("kl_coef"))
 
 
-def run(config: Config, paths: RunPaths) -> dict:
-    cfg = config.ppo
-    seed_everything(config)
-    sft_model, rm_adapter = require(paths.sft / "merged", "sft"), require(paths.rm / "adapter", "rm")
-    prompts = [r["prompt"] for r in read_split(paths, "ppo")]
-    root = checkpoints_for(paths, "ppo", config, [paths.split("ppo"), paths.sft / "adapter" / "adapter_model.safetensors",
-                                                  rm_adapter / "adapter_model.safetensors"])
-    resume = latest_checkpoint(root)
-    ac = ActorCritic.load(config, sft_model, rm_adapter, policy_adapter=resume / "adapter" if resume else None)
-    optimizer = make_optimizer(config, ac.policy_parameters())
-    start, kl = 0, KLController(cfg)
-    if resume:
-        ac.value_head.load_state_dict(torch.load(resume / "value_head.pt"))
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
-        state = read_json(resume / "state.json")
-        start, kl = state["step"], KLController(cfg, state.get("kl_coef"))
-        print(f"ppo: resuming from {resume} (step {start})")
-    history, step = History(paths, "ppo"), start
-    with SigtermFlag() as sigterm, Timer(root, start) as timer:  # SIGTERM: finish the step, save it, stop
-        for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="ppo", unit="step"):
-            torch.manual_seed(config.run.seed * 1000 + step)  # same samples after a resume
-            batch = rollout(ac, rollout_prompts(prompts, step, cfg, config.run.seed), cfg, kl.value)
-            losses = update(ac, optimizer, batch, cfg)
-            metrics = losses | {
-                "reward_mean": batch["scores"].mean().item(), "kl": batch["kl"].mean().item(), "kl_coef": kl.value,
-                "response_length": batch["resp_mask"].sum(1).mean().item(),
-                "eos_fraction": batch["has_eos"].float().mean().item(),
-            }
-            check_finite(step, **metrics)
-            if metrics["kl"] > cfg.max_kl:
-                raise TrainingError(f"step {step}: KL to the reference {metrics['kl']:.2f} exceeds ppo.max_kl="
-                                    f"{cfg.max_kl}; stopped, the last good checkpoint is kept in {root}")
-            history.log(step, metrics)
-            kl.update(metrics["kl"], cfg.batch_size)
-            timer.step_done(step)
-            if step % cfg.save_steps == 0 or step == cfg.steps or sigterm.received:
-                save_checkpoint(ac, optimizer, kl, step, root)
-            if sigterm.received:
-                break
-    if sigterm.received:
-        raise stopped("ppo", step, latest_checkpoint(root))
-    with atomic_dir(paths.ppo) as out:
-        save_policy(ac, out)
-        model_card.write(out / "adapter", config, paths, history.rows())  # README.md: the Hub's model card
-    curve = history.write_csv(paths.metrics / "ppo_history.csv")
-    summary = {
-        "reward_mean_first": float(curve["reward_mean"].iloc[0]), "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
-        "kl_last": float(curve["kl"].iloc[-1]), "kl_coef_last": float(curve["kl_coef"].iloc[-1]),
-        "steps": cfg.steps, "seconds": round(timer.seconds, 1),
-    }
-    write_metrics(paths, "ppo", summary, config)
-    print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, KL {summary['kl_last']:.3f}")
-    return summary
+class Bookkeeping:
+    """What the loop records around the algorithm: the steps left and their progress bar, the history
+    (history.jsonl and DVCLive), the training seconds across resumes (Timer), and SIGTERM, SLURM's notice:
+    the step in progress finishes and is checkpointed, and the stage stops with Preempted (exit 143), to
+    be resumed by the same command."""
+
+    def __init__(self, paths: RunPaths, checkpoints: Checkpoints, start: int, cfg: PPOConfig):
+        self.checkpoints, self.start, self.cfg, self.step = checkpoints, start, cfg, start
+        self.history = History(paths, "ppo")
+
+    def __enter__(self) -> Bookkeeping:
+        self._contexts = ExitStack()
+        self.sigterm = self._contexts.enter_context(SigtermFlag())
+        self.timer = self._contexts.enter_context(Timer(self.checkpoints.root, self.start))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._contexts.close()  # the previous SIGTERM handler back, the timer stopped
+        if exc[0] is None and self.sigterm.received:
+            raise stopped("ppo", self.step, self.checkpoints.latest())
+
+    def steps(self):
+        """The steps after `start` up to ppo.steps; none after the one during which SIGTERM arrived."""
+        cfg = self.cfg
+        for self.step in tqdm(range(self.start + 1, cfg.steps + 1), initial=self.start, total=cfg.steps, desc="ppo",
+                              unit="step"):
+            yield self.step
+            if self.sigterm.received:
+                return
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.log(step, metrics)
+        self.timer.step_done(step)  # before the step's checkpoint exists (Timer)
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.save_steps == 0 or step == self.cfg.steps or self.sigterm.received

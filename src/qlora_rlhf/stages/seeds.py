@@ -8,7 +8,8 @@ compared with the one evaluation of SFT (results/<run>/eval). Writes results/<ru
                   seeds' own interval excludes 0 (outside the folder: DVC's metrics)
 - seeds.png/.pdf  the figure: each seed's gain with its interval, and the across-seed mean
 - best_of_n.png/.pdf  every seed's PPO on best-of-n's frontier from SFT (figures.save_best_of_n)
-- paper/          the run's paper with a section built from them (paper.pdf)
+- paper/          the run's paper with a section built from them (paper.pdf); its numbers are macros,
+                  added to the copy's macros.tex as the paper stage names them (`seed_macros`)
 
 A bootstrap interval over prompts measures evaluation noise within one PPO run; the interval over
 seeds measures how much PPO's outcome varies between runs, which the claim is about."""
@@ -27,7 +28,8 @@ from ..atomic import atomic_dir, write_json
 from ..config import Config
 from ..errors import PaperError
 from ..paths import RunPaths
-from ..stats import bootstrap_ci
+from ..stats import bootstrap_ci, win_rate
+from .paper import GENERATED_MACRO_USE, Macro, build_pdf, camel, fmt, latexmk_path
 
 JUDGES = {"gold": "gold judge", "reward": "reward model"}
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (no scipy in the stack); 1.96 beyond.
@@ -60,10 +62,9 @@ def seed_row(seed: int, sft: pd.DataFrame, ppo: pd.DataFrame, samples: int) -> d
             continue
         diff = b[keep] - a[keep]
         low, high = bootstrap_ci(diff, samples, seed)  # paired: over per-prompt differences
-        wins = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
         row |= {f"sft_{judge}": float(a[keep].mean()), f"ppo_{judge}": float(b[keep].mean()),
                 f"{judge}_gain": float(diff.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
-                f"winrate_{judge}": float(wins.mean())}
+                f"winrate_{judge}": win_rate(b[keep], a[keep])}
     return row
 
 
@@ -133,15 +134,38 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def fmt(value: float, digits: int = 3) -> str:
-    """Fixed digits (a column of gains lines up), a real minus sign as the paper's tables have, `--` if missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "--"
-    text = f"{abs(value):.{digits}f}"
-    return ("\\ensuremath{-}" if value < 0 and float(text) else "") + text
+# ------------------------------------------------------------------ the paper's section
+def seed_macros(table: pd.DataFrame, summary: dict) -> dict[str, Macro]:
+    """The seed study's numbers as macros, named as the paper stage names its own: `ResSeeds` + key for
+    metrics/seeds.json (\\ResSeedsGoldGainMean), `ResSeed` + seed + column for a row of seeds.csv
+    (\\ResSeedOneGoldGain). Gains and scores with three decimals, so that a column lines up, win rates
+    and KL with two, counts as integers."""
+    macros = {}
+    for key, value in summary.items():
+        macros[_summary_macro(key)] = (value, key, f"metrics/seeds.json:{key}")
+    for row in table.to_dict("records"):
+        for column, value in row.items():
+            if column != "seed":
+                source = f"seed_study/seeds.csv:{row['seed']}.{column}"
+                macros[_seed_macro(row["seed"], column)] = (value, column, source)
+    return {name: Macro(name, fmt(value, _digits(key, value)), source) for name, (value, key, source) in macros.items()}
 
 
-def latex_table(table: pd.DataFrame, summary: dict) -> str:
+def _summary_macro(key: str) -> str:
+    return f"ResSeeds{camel(key)}"
+
+
+def _seed_macro(seed: int, column: str) -> str:
+    return f"ResSeed{camel(str(seed))}{camel(column)}"
+
+
+def _digits(key: str, value) -> int | None:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return None  # a count
+    return 2 if key.startswith(("winrate", "kl_to_sft")) else 3
+
+
+def latex_table(table: pd.DataFrame) -> str:
     judges = [j for j in JUDGES if f"{j}_gain" in table]
     groups = " & ".join(f"\\multicolumn{{4}}{{c}}{{{JUDGES[j].capitalize()}}}" for j in judges)
     rules = "".join(f"\\cmidrule(lr){{{2 + 4 * i}-{5 + 4 * i}}}" for i in range(len(judges)))
@@ -152,38 +176,45 @@ def latex_table(table: pd.DataFrame, summary: dict) -> str:
              r"  \label{tab:seeds}", r"  \resizebox{\textwidth}{!}{%",
              r"  \begin{tabular}{@{}l" + "rrrr" * len(judges) + r"r@{}}", r"    \toprule",
              f"    & {groups} & \\\\ {rules}", "    " + " & ".join(head) + r" \\", r"    \midrule"]
-    for row in table.to_dict("records"):
-        cells = [str(row["seed"])]
+    for seed in table["seed"]:
+        cells = [str(seed)]
         for j in judges:
-            cells += [fmt(row[f"sft_{j}"]), fmt(row[f"ppo_{j}"]),
-                      f"{fmt(row[f'{j}_gain'])} [{fmt(row[f'{j}_gain_ci_low'])}, {fmt(row[f'{j}_gain_ci_high'])}]",
-                      fmt(row[f"winrate_{j}"], 2)]
-        lines.append("    " + " & ".join(cells + [fmt(row["kl_to_sft"], 2)]) + r" \\")
+            gain, low, high = (_cell(seed, f"{j}_gain{end}") for end in ("", "_ci_low", "_ci_high"))
+            cells += [_cell(seed, f"sft_{j}"), _cell(seed, f"ppo_{j}"), f"{gain} [{low}, {high}]",
+                      _cell(seed, f"winrate_{j}")]
+        lines.append("    " + " & ".join(cells + [_cell(seed, "kl_to_sft")]) + r" \\")
     cells = ["Mean"]
     for j in judges:
-        cells += ["", "", f"{fmt(summary[f'{j}_gain_mean'])} [{fmt(summary[f'{j}_gain_ci_low'])}, "
-                          f"{fmt(summary[f'{j}_gain_ci_high'])}]", ""]
-    lines += [r"    \midrule", "    " + " & ".join(cells + [fmt(summary["kl_to_sft_mean"], 2)]) + r" \\",
+        cells += ["", "", f"{_use(f'{j}_gain_mean')} [{_use(f'{j}_gain_ci_low')}, {_use(f'{j}_gain_ci_high')}]", ""]
+    lines += [r"    \midrule", "    " + " & ".join(cells + [_use("kl_to_sft_mean")]) + r" \\",
               r"    \bottomrule", r"  \end{tabular}}", r"\end{table*}", ""]
     return "\n".join(lines)
 
 
+def _cell(seed: int, column: str) -> str:
+    return "\\" + _seed_macro(seed, column)
+
+
+def _use(key: str) -> str:
+    """A summary number in the text: its macro, with {} so that a following space survives."""
+    return "\\" + _summary_macro(key) + "{}"
+
+
 def section_text(summary: dict) -> str:
-    """The paper's section on the seed study; every number comes from summary.json."""
-    n = summary["seeds"]
+    """The paper's section on the seed study; every number is a macro of `seed_macros`."""
     parts = [r"\subsection{Across PPO seeds}", "",
-             f"PPO was run with {n} seeds on the same data, SFT model and reward model, and each policy was "
-             r"evaluated on the same held-out prompts against the one evaluation of SFT (Table~\ref{tab:seeds}, "
+             f"PPO was run with {_use('seeds')} seeds on the same data, SFT model and reward model, and each policy "
+             r"was evaluated on the same held-out prompts against the one evaluation of SFT (Table~\ref{tab:seeds}, "
              r"Figure~\ref{fig:seeds}). A seed's interval is a paired bootstrap over prompts and measures evaluation "
              r"noise within that run; the interval over seeds measures how much PPO's outcome varies between runs."]
     for judge, name in JUDGES.items():
         if f"{judge}_gain_mean" not in summary:
             continue
         parts.append(
-            f"Under the {name}, PPO's mean gain over SFT is {fmt(summary[f'{judge}_gain_mean'])} "
-            f"(95\\% interval over seeds {fmt(summary[f'{judge}_gain_ci_low'])} to "
-            f"{fmt(summary[f'{judge}_gain_ci_high'])}); the interval of {summary[f'{judge}_seeds_above_zero']} of "
-            f"{n} seeds lies above zero and that of {summary[f'{judge}_seeds_below_zero']} below it.")
+            f"Under the {name}, PPO's mean gain over SFT is {_use(f'{judge}_gain_mean')} "
+            f"(95\\% interval over seeds {_use(f'{judge}_gain_ci_low')} to "
+            f"{_use(f'{judge}_gain_ci_high')}); the interval of {_use(f'{judge}_seeds_above_zero')} of "
+            f"{_use('seeds')} seeds lies above zero and that of {_use(f'{judge}_seeds_below_zero')} below it.")
     if "gold_gain_mean" not in summary:
         parts.append("There is no gold judge for these prompts: a gain under the reward model shows that PPO "
                      "optimised the reward model, not that its responses are better.")
@@ -194,9 +225,26 @@ def section_text(summary: dict) -> str:
     return "\n".join(parts)
 
 
+def add_to_paper(paper: Path, table: pd.DataFrame, summary: dict) -> None:
+    """The section, its table and its macros in a copy of the run's paper (macros.tex gains the seed
+    study's, each with its source, as the paper stage writes its own)."""
+    macros = seed_macros(table, summary)
+    section, latex = section_text(summary), latex_table(table)
+    undefined = sorted(set(GENERATED_MACRO_USE.findall(section + latex)) - set(macros))
+    if undefined:
+        raise PaperError("the seed study's section uses macros it does not define: " + ", ".join(undefined))
+    existing = (paper / "macros.tex").read_text()
+    clash = sorted(name for name in macros if f"\\newcommand{{\\{name}}}" in existing)
+    if clash:
+        raise PaperError("the seed study's macros are defined by the paper already: " + ", ".join(clash))
+    lines = [f"\\newcommand{{\\{name}}}{{{macros[name].value}}} % {macros[name].source}" for name in sorted(macros)]
+    (paper / "macros.tex").write_text(existing + "\n% The seed study's (qlora-rlhf seeds)\n" + "\n".join(lines) + "\n")
+    (paper / "tables" / "seeds.tex").write_text(latex)
+    (paper / "text" / "seeds.tex").write_text(section)
+
+
 def run(config: Config, paths: RunPaths) -> dict:
     from .figures import save_best_of_n
-    from .paper import build_pdf, latexmk_path
 
     latexmk_path()  # fail before any work when the toolchain is missing
     seeds = [config.run.seed, *config.seeds.ppo]
@@ -218,8 +266,7 @@ def run(config: Config, paths: RunPaths) -> dict:
         shutil.copytree(paths.paper, paper)
         (paper / "paper.pdf").unlink(missing_ok=True)
         shutil.copy2(out / "seeds.pdf", paper / "figures" / "seeds.pdf")
-        (paper / "tables" / "seeds.tex").write_text(latex_table(table, summary))
-        (paper / "text" / "seeds.tex").write_text(section_text(summary))
+        add_to_paper(paper, table, summary)
         build_pdf(paper)
     write_json(paths.stage_metrics("seeds"), {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                               for k, v in summary.items()})
