@@ -50,9 +50,20 @@ def _series(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame[["step", column]].dropna()
 
 
+# Figures are DVC outputs: the same plot must give the same bytes on every run. Matplotlib's PDF
+# carries a creation date by default (SOURCE_DATE_EPOCH aside); its PNG carries none, and the
+# version strings it writes are the pinned matplotlib's.
+SAVE_METADATA = {"pdf": {"CreationDate": None}, "png": {}}
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """`fig.savefig` with no run-dependent bytes (no dates) in the file."""
+    fig.savefig(path, metadata=SAVE_METADATA[Path(path).suffix.lstrip(".")], **kwargs)
+
+
 def _save(fig, folder: Path, name: str) -> None:
-    fig.savefig(folder / f"{name}.png", dpi=200, bbox_inches="tight")
-    fig.savefig(folder / f"{name}.pdf", bbox_inches="tight")
+    save_figure(fig, folder / f"{name}.png", dpi=200, bbox_inches="tight")
+    save_figure(fig, folder / f"{name}.pdf", bbox_inches="tight")
 
 
 def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):

@@ -249,11 +249,13 @@ def setup_table(macros: dict[str, Macro]) -> str:
 
 def training_table() -> str:
     rows = [
-        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps & \ResSftSeconds",
-        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps & \ResRmSeconds",
-        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps & \ResPpoSeconds",
+        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps",
+        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps",
+        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps",
     ]
-    return _table("@{}llrrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps & Time (s)", rows)
+    # No wall-clock column: the paper is a DVC output, and a time would change its bytes on every rerun
+    # (the times are in results/<run>/timings/, timings.py).
+    return _table("@{}llrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps", rows)
 
 
 def summary_table(policies: list[str], gold: bool = True) -> str:
@@ -379,7 +381,7 @@ def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
 def results_summary(metrics: Path, run_name: str) -> str:
     """summary.md: the run's headline numbers in plain text beside the PDF, read from metrics/*.json."""
     read = {stage: _read_json(metrics / f"{stage}.json") for stage in METRIC_FILES}
-    sft, rm, ppo, ev = (read[s] for s in METRIC_FILES)
+    sft, rm, _, ev = (read[s] for s in METRIC_FILES)
 
     def num(value, digits=3):
         return "--" if value is None else f"{value:.{digits}f}"
@@ -399,8 +401,8 @@ def results_summary(metrics: Path, run_name: str) -> str:
     else:
         lines.append("- No gold judge for these prompts: the reward model's score is not a measure of quality")
     lines += [f"- KL(PPO || SFT) on held-out samples: {num(ev.get('ppo_kl_to_sft'))} nats",
-              f"- Training time: SFT {num(sft.get('seconds'), 0)} s, RM {num(rm.get('seconds'), 0)} s, "
-              f"PPO {num(ppo.get('seconds'), 0)} s", "",
+              "- Training times are not part of the results (they differ on every run): they are in the run's "
+              "`timings/*.json`, which `dvc metrics show` lists", "",
               "One PPO run is one sample of PPO's outcome: `dvc repro seeds` measures the spread over seeds.", ""]
     return "\n".join(lines)
 
