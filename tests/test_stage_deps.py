@@ -85,13 +85,16 @@ def _package_imports(module: str) -> set[str]:
 
 
 def _closure(modules: set[str]) -> set[str]:
+    """The modules given, what they import, transitively, and the packages above each (importing a
+    module runs its packages' __init__ first)."""
     seen: set[str] = set()
     todo = list(modules)
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo.extend(_package_imports(module) - seen)
+            parts = module.split(".")
+            todo.extend({".".join(parts[:i]) for i in range(1, len(parts))} | _package_imports(module) - seen)
     return seen
 
 
