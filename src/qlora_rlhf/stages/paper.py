@@ -364,10 +364,16 @@ def latexmk_path() -> str:
     return found
 
 
+# ... and, run before the source, no trailer ID (pdfTeX hashes it from the build folder's path, a fresh
+# temporary one on every run) and no pdfTeX banner or file names recorded for each included figure.
+REPRODUCIBLE_PDF = r"\ifdefined\pdftrailerid\pdftrailerid{}\fi\ifdefined\pdfsuppressptexinfo\pdfsuppressptexinfo=-1\fi"
+
+
 def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
     latexmk = latexmk_path()
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # reproducible PDF bytes
-    cmd = [latexmk, "-pdf", "-interaction=nonstopmode", "-halt-on-error", "-file-line-error", main]
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # reproducible PDF bytes: fixed dates,
+    cmd = [latexmk, "-pdf", f"-usepretex={REPRODUCIBLE_PDF}", "-interaction=nonstopmode", "-halt-on-error",
+           "-file-line-error", main]
     result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     pdf = folder / Path(main).with_suffix(".pdf").name
     if result.returncode != 0 or not pdf.is_file():
