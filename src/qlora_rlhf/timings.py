@@ -9,12 +9,10 @@ the paper (a DVC output) does not print them.
 
 A seed's run writes here too, as `<stage>_seed@<seed>.json` (DVC's name of that stage), not under
 results/<run>/seeds/, which the seeds stage hashes as one of its dependencies.
-Torch-free: the paper and figures stages read nothing else of the training code.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .atomic import write_json
@@ -29,17 +27,9 @@ def timings_file(paths: RunPaths, stage: str) -> Path:
     return main / FOLDER / f"{name}.json"
 
 
-def write_timings(paths: RunPaths, stage: str, seconds: float, **extra) -> Path:
+def write_timings(paths: RunPaths, stage: str, seconds: float) -> Path:
     """Record a stage's training-loop seconds (counted across resumes, training.Timer)."""
     target = timings_file(paths, stage)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_json(target, {"seconds": round(seconds, 1), **extra})
+    write_json(target, {"seconds": round(seconds, 1)})
     return target
-
-
-def read_timings(paths: RunPaths, stage: str) -> dict | None:
-    """The stage's timings, or None where this run has none (e.g. outputs pulled from a DVC remote)."""
-    try:
-        return json.loads(timings_file(paths, stage).read_text())
-    except (OSError, ValueError):
-        return None

@@ -50,9 +50,9 @@ def _series(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame[["step", column]].dropna()
 
 
-# Figures are DVC outputs: the same plot must give the same bytes on every run. Matplotlib's PDF
-# carries a creation date by default (SOURCE_DATE_EPOCH aside); its PNG carries none, and the
-# version strings it writes are the pinned matplotlib's.
+# Figures are DVC outputs: the same plot must give the same bytes on every run. Matplotlib writes the
+# current date into a PDF unless told not to (or SOURCE_DATE_EPOCH is set); a PNG gets no date, only
+# the version of the pinned matplotlib.
 SAVE_METADATA = {"pdf": {"CreationDate": None}, "png": {}}
 
 

@@ -364,14 +364,15 @@ def latexmk_path() -> str:
     return found
 
 
-# ... and, run before the source, no trailer ID (pdfTeX hashes it from the build folder's path, a fresh
-# temporary one on every run) and no pdfTeX banner or file names recorded for each included figure.
+# The same PDF bytes on every build: build_pdf fixes the dates (SOURCE_DATE_EPOCH, FORCE_SOURCE_DATE) and
+# runs this before the source: no trailer ID (pdfTeX hashes it from the build folder's path, a fresh
+# temporary folder on every run), no pdfTeX banner or file names recorded for each included figure.
 REPRODUCIBLE_PDF = r"\ifdefined\pdftrailerid\pdftrailerid{}\fi\ifdefined\pdfsuppressptexinfo\pdfsuppressptexinfo=-1\fi"
 
 
 def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
     latexmk = latexmk_path()
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # reproducible PDF bytes: fixed dates,
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # fixed dates (REPRODUCIBLE_PDF)
     cmd = [latexmk, "-pdf", f"-usepretex={REPRODUCIBLE_PDF}", "-interaction=nonstopmode", "-halt-on-error",
            "-file-line-error", main]
     result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
