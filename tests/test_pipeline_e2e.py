@@ -100,7 +100,7 @@ def _rerun_reproduces_every_byte(root: Path) -> None:
     assert (root / "dvc.lock").read_bytes() == lock
 
 
-NOT_OUTPUTS = {"checkpoints", "dvclive"}  # written beside the outputs, never pushed
+NOT_OUTPUTS = {"checkpoints", "dvclive", "timings"}  # written beside the outputs, never pushed
 MARKERS = {".snakemake_timestamp", ".gitignore"}  # one door's bookkeeping, not a stage's output
 
 
