@@ -56,6 +56,14 @@ def timed_repro(clone: Path, env: dict) -> tuple[float, dict[str, float], str]:
     return total, {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}, "".join(log)
 
 
+def _seconds(run: Path, stage: str) -> float | None:
+    """A stage's training-loop time: timings/<stage>.json (no DVC output holds it: timings.py)."""
+    import json
+
+    path = run / "timings" / f"{stage}.json"
+    return json.loads(path.read_text()).get("seconds") if path.is_file() else None
+
+
 def learning_results(run: Path) -> dict:
     """What the training-stages issue asks to keep in either precision, read from the run's metrics."""
     import json
@@ -69,7 +77,7 @@ def learning_results(run: Path) -> dict:
         "sft_gold_mean": ev.get("sft_gold_mean"), "ppo_gold_mean": ev.get("ppo_gold_mean"),
         "ppo_kl_to_sft": ev.get("ppo_kl_to_sft"),
         "compute_dtype": {stage: read[stage].get("compute_dtype") for stage in read},
-        "training_loop_seconds": {stage: read[stage].get("seconds") for stage in ("sft", "rm", "ppo")},
+        "training_loop_seconds": {stage: _seconds(run, stage) for stage in ("sft", "rm", "ppo")},
     }
 
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
+import yaml
+
+from conftest import REPO
 from qlora_rlhf.config import load_config
 from qlora_rlhf.paths import RunPaths
-from qlora_rlhf.training import checkpoints_for
+from qlora_rlhf.training import checkpoints_for, declared_params, fingerprint_params
 
 
 def _setup(write_params, tmp_path, **overrides):
@@ -51,6 +55,52 @@ def test_a_longer_run_resumes(write_params, tmp_path):
     (checkpoints_for(paths, "ppo", config, [data]) / "step-000002").mkdir()
     longer, paths, _ = _setup(write_params, tmp_path, **{"ppo.steps": config.ppo.steps + 5, "ppo.max_kl": 3.0})
     assert (checkpoints_for(paths, "ppo", longer, [data]) / "step-000002").is_dir()
+
+
+@pytest.mark.parametrize("edit, kept", [
+    ({"eval.temperature": 0.3, "eval.num_prompts": 3}, True),   # ppo does not declare `eval`: DVC does not rerun it
+    ({"seeds.ppo": [7, 8]}, True),
+    ({"sft.learning_rate": 0.5}, True),   # reaches PPO only through the SFT adapter, one of its inputs
+    ({"ppo.kl_coef": 0.5}, False),
+    ({"model.lora.r": 4}, False),
+    ({"run.seed": 99}, False),
+])
+def test_ppo_checkpoints_follow_the_params_dvc_yaml_declares_for_it(write_params, tmp_path, monkeypatch, edit, kept):
+    monkeypatch.chdir(REPO)  # where DVC and Snakemake run the stages: dvc.yaml is read from there
+    config, paths, data = _setup(write_params, tmp_path)
+    (checkpoints_for(paths, "ppo", config, [data]) / "step-000002").mkdir()
+    edited, paths, _ = _setup(write_params, tmp_path, **edit)
+    assert (checkpoints_for(paths, "ppo", edited, [data]) / "step-000002").is_dir() == kept
+
+
+def test_the_fingerprint_reads_the_stages_params_from_dvc_yaml(write_params, tmp_path, monkeypatch):
+    """The keys come from dvc.yaml itself, so the fingerprint and DVC cannot disagree; a foreach
+    stage's from its `do` body. Outside a project, every param counts (the safe side)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert declared_params("ppo", REPO / "dvc.yaml") == stages["ppo"]["params"]
+    assert declared_params("ppo_seed", REPO / "dvc.yaml") == stages["ppo"]["params"]
+    config, paths, data = _setup(write_params, tmp_path)
+    edited, _, _ = _setup(write_params, tmp_path, **{"eval.temperature": 0.3})
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    assert declared_params("ppo") is None
+    assert fingerprint_params(config, "ppo") != fingerprint_params(edited, "ppo")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ppo": {"cmd": "x", "params": ["ppo", "eval.temperature"]}}}))
+    assert set(fingerprint_params(config, "ppo")) == {"ppo", "eval", "model"}  # + the resolved compute dtype
+    assert fingerprint_params(config, "ppo")["eval"] == {"temperature": config.eval.temperature}
+    (checkpoints_for(paths, "ppo", config, [data]) / "step-000002").mkdir()
+    assert not (checkpoints_for(paths, "ppo", edited, [data]) / "step-000002").exists()
+
+
+def test_the_fingerprint_keeps_the_resolved_dtype_and_drops_the_run_length(write_params, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from qlora_rlhf import precision
+
+    config, _, _ = _setup(write_params, tmp_path)
+    params = fingerprint_params(config, "ppo")
+    assert params["model"]["compute_dtype"] == precision.of(config).dtype != "auto"
+    assert not {"steps", "save_steps", "max_kl"} & set(params["ppo"])
 
 
 def test_training_time_counts_the_steps_before_the_resumed_checkpoint(tmp_path):

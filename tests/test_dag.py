@@ -161,14 +161,15 @@ def test_params_trigger_and_source_dirs(scratch):
     changed["model"]["name_or_path"] = "elsewhere"
     after = load_stages(scratch / "dvc.yaml", changed)
     differs = {name for name in stages if stages[name].rule_params() != after[name].rule_params()}
-    assert differs == ({"data", "base", "sft", "rm", "ppo", "best_of_n", "paper"}
-                       | {n for n in SEED_STUDY if n.startswith("ppo_seed@")})
+    # evaluate samples with the model's params (model.generation, the dtype), so it declares them too
+    assert differs == {"data", "base", "sft", "rm", "ppo", "evaluate", "best_of_n", "paper"} | {
+        n for n in SEED_STUDY if n.startswith(("ppo_seed@", "evaluate_seed@"))}
 
 
 def test_only_the_reports_read_metrics_files(scratch):
-    """metrics/<stage>.json holds the stage's wall time, new on every run: a computing stage that read
-    one would re-run after an upstream re-run with identical outputs. Stages hand each other results
-    inside their output folders (sft/held_out_perplexity.json, rm/held_out_margins.csv)."""
+    """Stages hand each other results inside their output folders (sft/held_out_perplexity.json,
+    rm/held_out_margins.csv), never through metrics/<stage>.json, which only the reports (figures,
+    paper, seeds) read."""
     params = yaml.safe_load((scratch / "params.yaml").read_text())
     stages = load_stages(scratch / "dvc.yaml", params)
     metrics_files = {path for stage in stages.values() for path in stage.files}

@@ -35,11 +35,10 @@ def write_fake_results(root: Path) -> Path:
               [[s, 2 + s / 2 + rng.gauss(0, 0.2), 0.05 + s / 50, 1.5 - s / 40, 0.1, 0.5 / s, 20 + s, 0.8, -0.01 * s,
                 0.05 * 1.02 ** s] for s in range(1, 13)])
     json.dump({"perplexity_base": 12.04, "perplexity_sft": 3.41, "train_loss_first": 2.5, "train_loss_last": 1.2,
-               "steps": 40, "seconds": 81.2}, (metrics / "sft.json").open("w"))
+               "steps": 40}, (metrics / "sft.json").open("w"))
     json.dump({"accuracy": 0.72, "margin_mean": 0.83, "train_loss_first": 0.69, "train_loss_last": 0.35,
-               "steps": 60, "seconds": 95.0}, (metrics / "rm.json").open("w"))
-    json.dump({"reward_mean_first": 2.0, "reward_mean_last": 8.0, "kl_last": 0.25, "kl_coef_last": 0.063, "steps": 12,
-               "seconds": 300.5},
+               "steps": 60}, (metrics / "rm.json").open("w"))
+    json.dump({"reward_mean_first": 2.0, "reward_mean_last": 8.0, "kl_last": 0.25, "kl_coef_last": 0.063, "steps": 12},
               (metrics / "ppo.json").open("w"))
     json.dump({"sft_perplexity": 3.41, "base_perplexity": 12.04, "rm_accuracy": 0.72, "rm_margin_mean": 0.83,
                "ppo_reward_mean": 7.5, "sft_reward_mean": 2.1, "base_reward_mean": -0.4, "ppo_gold_mean": 0.61,

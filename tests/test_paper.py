@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,37 @@ def test_best_of_n_at_ppos_kl_is_interpolated_in_sqrt_kl(results):
     assert "fig:bestofn" in text and "GoldGap" in text
     assert set(paper.GENERATED_MACRO_USE.findall(text)) <= set(macros) | {"ResEvalPpoKlToSft", "ResEvalPpoGoldMean"}
     assert paper.best_of_n_text({}) == ""  # without the stage's folder the paper says nothing of it
+
+
+_BUILD = """
+import sys, yaml
+from pathlib import Path
+from qlora_rlhf.config import Config
+from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.stages import figures, paper
+config = Config.model_validate(yaml.safe_load(Path("params.yaml").read_text()))
+paths = RunPaths(Path(sys.argv[1]))
+figures.run(config, paths)
+paper.run(config, paths)
+"""
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk is not installed")
+def test_figures_and_the_pdf_are_the_same_bytes_when_built_again(tmp_path):
+    """Two builds from the same results, in other folders (as two clones), in two processes (other
+    hash seeds), at other times: every figure (PNG and PDF) and every file of the paper, paper.pdf
+    included, is the same to the byte. No creation date, no trailer ID hashed from the build path."""
+    pytest.importorskip("seaborn")
+    from conftest import scratch_env
+
+    built = []
+    for name, hash_seed in (("one", "1"), ("two", "2")):
+        run = write_fake_results(tmp_path / name / "run")
+        done = subprocess.run([sys.executable, "-c", _BUILD, str(run)], cwd=REPO, capture_output=True, text=True,
+                              env=scratch_env() | {"PYTHONHASHSEED": hash_seed}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        built.append({str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+                      if p.is_file() and p.relative_to(run).parts[0] in ("figures", "paper")})
+    assert any(name.endswith(".png") for name in built[0]) and "paper/paper.pdf" in built[0]
+    assert sorted(built[0]) == sorted(built[1])
+    assert [name for name in built[0] if built[0][name] != built[1][name]] == []

@@ -4,7 +4,9 @@ PPO seed's run and the across-seed report; Snakemake then has nothing to do; a s
 paper` does nothing; a PPO param change reruns only ppo and what follows; an SFT param change reruns
 sft onwards. `snakemake --cores 1 figures` on a fresh copy makes the same figures, `snakemake` adds
 the paper, and DVC then finds that folder up to date; its outputs pushed to a DVC remote reach a
-git clone through `dvc pull` (or the run cache), where `dvc repro` runs nothing."""
+git clone through `dvc pull` (or the run cache), where `dvc repro` runs nothing. Built once, the run
+is computed again from scratch (`dvc repro --force`, no checkpoints): dvc.lock and every output come
+out byte for byte the same."""
 
 from __future__ import annotations
 
@@ -65,13 +67,41 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
 
     assert _nothing_to_do(root, "seeds")
     assert _reran(root) == set()  # nothing changed: nothing reruns
+    _rerun_reproduces_every_byte(root)
     _set(root, "ppo", "kl_coef", 0.2)
     assert _reran(root) == DOWNSTREAM_OF["ppo"]
     _set(root, "sft", "learning_rate", 1.0e-3)
     assert _reran(root) == DOWNSTREAM_OF["sft"]
 
 
-NOT_OUTPUTS = {"checkpoints", "dvclive"}  # written beside the outputs, never pushed
+def _files(folder: Path, skip: set[str]) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not skip & set(p.relative_to(folder).parts)}
+
+
+def _rerun_reproduces_every_byte(root: Path) -> None:
+    """The built run (paper and seed study) computed again from scratch, as a reviewer's clone would:
+    checkpoints removed, then `dvc repro --force`. dvc.lock must not change by a byte, nor any file of
+    results/ but the wall times (timings/) and the bookkeeping beside the outputs (checkpoints, DVCLive
+    logs). Run-dependent bytes would show up here: times, dates in figures and PDFs, IDs, hostnames,
+    and any stage whose computation differs from one process to the next."""
+    results, skip = root / "results", {"checkpoints", "dvclive", "timings"}
+    lock, before = (root / "dvc.lock").read_bytes(), _files(results, skip)
+    timings = sorted(p.name for p in (results / "smoke" / "timings").iterdir())
+    assert timings == sorted(f"{stage}.json" for stage in ("sft", "rm", "ppo", "ppo_seed@1", "ppo_seed@2"))
+    shown = _run(root, str(BIN / "dvc"), "metrics", "show")
+    assert "timings/sft.json" in shown and "seconds" in shown  # no DVC output, but `dvc metrics show` lists it
+    for folder in results.rglob("checkpoints"):
+        shutil.rmtree(folder)
+    _run(root, str(BIN / "dvc"), "repro", "--force")
+    after = _files(results, skip)
+    assert sorted(after) == sorted(before)
+    changed = sorted(name for name in before if after[name] != before[name])
+    assert not changed, f"a rerun from scratch changed {changed}"
+    assert (root / "dvc.lock").read_bytes() == lock
+
+
+NOT_OUTPUTS = {"checkpoints", "dvclive", "timings"}  # written beside the outputs, never pushed
 MARKERS = {".snakemake_timestamp", ".gitignore"}  # one door's bookkeeping, not a stage's output
 
 

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
 from .preemption import PreemptionCallback, SigtermFlag, stopped
+from .timings import write_timings
 from .tokens import dialogue_ids
 
 
@@ -249,19 +250,54 @@ def save_adapter(model, out: Path, **kwargs) -> None:
 # PPO's `steps` (constant learning rate) can grow and resume; SFT/RM's `max_steps` stays fingerprinted
 # because their cosine schedule and warmup are computed from it.
 UNFINGERPRINTED = ("steps", "save_steps", "logging_steps", "max_kl")
+# The DAG's one definition, in the project root, where DVC and Snakemake run every stage (as the paper
+# stage finds paper/ there).
+DVC_YAML = Path("dvc.yaml")
+
+
+def declared_params(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str] | None:
+    """The params keys dvc.yaml declares for `stage` (a `foreach` stage's, for its items), or None
+    where there is no dvc.yaml with that stage (a stage verb run outside the project)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(dvc_yaml).read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    keys = (spec.get("do", spec) if "foreach" in spec else spec).get("params") or []
+    return [key for key in keys if isinstance(key, str)]
+
+
+def fingerprint_params(config: Config, stage: str) -> dict:
+    """What a stage's checkpoints depend on among the params: the values of the keys that dvc.yaml
+    declares for the stage (so an edit that reruns the stage under DVC starts its training over, and one
+    that does not, such as `eval` or `seeds` for PPO, keeps its checkpoints), minus the keys that only
+    lengthen a run or change its guard or logging. Outside a project (no dvc.yaml), the whole config."""
+    params = config.model_dump(mode="json")
+    keys = declared_params(stage)
+    if keys is not None:
+        picked: dict = {}
+        for key in keys:
+            *parents, leaf = key.split(".")
+            source, target = params, picked
+            for part in parents:
+                source, target = source[part], target.setdefault(part, {})
+            target[leaf] = source[leaf]
+        params = picked
+    for section in params.values():  # lengthening a run or changing its guard or logging does not alter the earlier steps
+        if isinstance(section, dict):
+            for key in UNFINGERPRINTED:
+                section.pop(key, None)
+    params.setdefault("model", {})["compute_dtype"] = precision.of(config).dtype  # `auto` resumed on another kind of machine starts over
+    return params
 
 
 def checkpoints_for(paths: RunPaths, stage: str, config: Config, inputs: list[Path]) -> Path:
-    """The stage's checkpoint folder, emptied first when its checkpoints come from other params or
-    other inputs: re-running after a kill resumes, re-running after a change starts over (the folder
-    is not a DVC output, so DVC does not clear it)."""
+    """The stage's checkpoint folder, emptied first when its checkpoints come from other params
+    (fingerprint_params) or other inputs: re-running after a kill resumes, re-running after a change
+    starts over (the folder is not a DVC output, so DVC does not clear it)."""
     root = paths.checkpoints(stage)
-    params = config.model_dump(mode="json")
-    for section in params.values():  # lengthening a run or changing its guard or logging does not alter the earlier steps
-        for key in UNFINGERPRINTED:
-            section.pop(key, None)
-    params["model"]["compute_dtype"] = precision.of(config).dtype  # `auto` resumed on another kind of machine starts over
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(fingerprint_params(config, stage), sort_keys=True).encode())
     for path in inputs:
         digest.update(path.read_bytes())
     stamp = root / "fingerprint"
@@ -278,7 +314,8 @@ class Timer:
     """Seconds spent in a training loop, carried across a resume. After each step (and so before any
     checkpoint of that step exists) `step_done` appends the running total to checkpoints/<stage>/
     seconds.jsonl; a run resumed from step N starts from step N's total. Steps lost to a kill, after
-    the last checkpoint, are not counted: `seconds` is the time of the steps that made the outputs."""
+    the last checkpoint, are not counted: `seconds` is the time of the steps that made the outputs (it
+    goes to timings/<stage>.json, never into a DVC output: write_metrics)."""
 
     def __init__(self, checkpoints: Path, resumed_step: int = 0, record: bool = True):
         self.file = Path(checkpoints) / "seconds.jsonl"
@@ -314,9 +351,13 @@ class TimerCallback(TrainerCallback):
         self.timer.step_done(state.global_step)
 
 
-def write_metrics(paths: RunPaths, stage: str, metrics: dict, config: Config) -> None:
-    """The stage's metrics file, with the compute dtype the stage ran in (`auto` differs across machines)."""
+def write_metrics(paths: RunPaths, stage: str, metrics: dict, config: Config, seconds: float | None = None) -> None:
+    """The stage's metrics file, with the compute dtype the stage ran in (`auto` differs across machines).
+    It is a DVC output, so it holds results only; the training loop's `seconds`, which differ on every
+    run, go to timings/<stage>.json, which DVC does not hash (timings.py)."""
     write_json(paths.stage_metrics(stage), metrics | {"compute_dtype": precision.of(config).dtype})
+    if seconds is not None:
+        write_timings(paths, stage, seconds)
 
 
 def match_trainable_dtype(model, config: Config) -> None:

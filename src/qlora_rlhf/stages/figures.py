@@ -51,9 +51,20 @@ def _series(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame[["step", column]].dropna()
 
 
+# Figures are DVC outputs: the same plot must give the same bytes on every run. Matplotlib writes the
+# current date into a PDF unless told not to (or SOURCE_DATE_EPOCH is set); a PNG gets no date, only
+# the version of the pinned matplotlib.
+SAVE_METADATA = {"pdf": {"CreationDate": None}, "png": {}}
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """`fig.savefig` with no run-dependent bytes (no dates) in the file."""
+    fig.savefig(path, metadata=SAVE_METADATA[Path(path).suffix.lstrip(".")], **kwargs)
+
+
 def _save(fig, folder: Path, name: str) -> None:
-    fig.savefig(folder / f"{name}.png", dpi=200, bbox_inches="tight")
-    fig.savefig(folder / f"{name}.pdf", bbox_inches="tight")
+    save_figure(fig, folder / f"{name}.png", dpi=200, bbox_inches="tight")
+    save_figure(fig, folder / f"{name}.pdf", bbox_inches="tight")
 
 
 def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):

@@ -253,11 +253,13 @@ def setup_table(macros: dict[str, Macro]) -> str:
 
 def training_table() -> str:
     rows = [
-        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps & \ResSftSeconds",
-        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps & \ResRmSeconds",
-        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps & \ResPpoSeconds",
+        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps",
+        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps",
+        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps",
     ]
-    return _table("@{}llrrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps & Time (s)", rows)
+    # No wall-clock column: the paper is a DVC output, and a time would change its bytes on every rerun
+    # (the times are in results/<run>/timings/, timings.py).
+    return _table("@{}llrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps", rows)
 
 
 def summary_table(policies: list[str], gold: bool = True) -> str:
@@ -439,10 +441,17 @@ def latexmk_path() -> str:
     return found
 
 
+# The same PDF bytes on every build: build_pdf fixes the dates (SOURCE_DATE_EPOCH, FORCE_SOURCE_DATE) and
+# runs this before the source: no trailer ID (pdfTeX hashes it from the build folder's path, a fresh
+# temporary folder on every run), no pdfTeX banner or file names recorded for each included figure.
+REPRODUCIBLE_PDF = r"\ifdefined\pdftrailerid\pdftrailerid{}\fi\ifdefined\pdfsuppressptexinfo\pdfsuppressptexinfo=-1\fi"
+
+
 def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
     latexmk = latexmk_path()
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # reproducible PDF bytes
-    cmd = [latexmk, "-pdf", "-interaction=nonstopmode", "-halt-on-error", "-file-line-error", main]
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}   # fixed dates (REPRODUCIBLE_PDF)
+    cmd = [latexmk, "-pdf", f"-usepretex={REPRODUCIBLE_PDF}", "-interaction=nonstopmode", "-halt-on-error",
+           "-file-line-error", main]
     result = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     pdf = folder / Path(main).with_suffix(".pdf").name
     if result.returncode != 0 or not pdf.is_file():
@@ -456,7 +465,7 @@ def build_pdf(folder: Path, main: str = "paper.tex") -> Path:
 def results_summary(metrics: Path, run_name: str) -> str:
     """summary.md: the run's headline numbers in plain text beside the PDF, read from metrics/*.json."""
     read = {stage: _read_json(metrics / f"{stage}.json") for stage in METRIC_FILES}
-    sft, rm, ppo, ev = (read[s] for s in METRIC_FILES)
+    sft, rm, _, ev = (read[s] for s in METRIC_FILES)
 
     def num(value, digits=3):
         return "--" if value is None else f"{value:.{digits}f}"
@@ -476,8 +485,8 @@ def results_summary(metrics: Path, run_name: str) -> str:
     else:
         lines.append("- No gold judge for these prompts: the reward model's score is not a measure of quality")
     lines += [f"- KL(PPO || SFT) on held-out samples: {num(ev.get('ppo_kl_to_sft'))} nats",
-              f"- Training time: SFT {num(sft.get('seconds'), 0)} s, RM {num(rm.get('seconds'), 0)} s, "
-              f"PPO {num(ppo.get('seconds'), 0)} s", "",
+              "- Training times are not part of the results (they differ on every run): they are in the run's "
+              "`timings/*.json`, which `dvc metrics show` lists", "",
               "One PPO run is one sample of PPO's outcome: `dvc repro seeds` measures the spread over seeds.", ""]
     return "\n".join(lines)
 

@@ -312,9 +312,9 @@ def write_results(config: Config, paths: RunPaths, roles: SharedBaseRoles, book:
         "reward_mean_first": float(curve["reward_mean"].iloc[0]),
         "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
         "kl_last": float(curve["kl"].iloc[-1]), "kl_coef_last": float(curve["kl_coef"].iloc[-1]),
-        "steps": config.ppo.steps, "seconds": round(book.timer.seconds, 1),
+        "steps": config.ppo.steps,
     }
-    write_metrics(paths, "ppo", summary, config)
+    write_metrics(paths, "ppo", summary, config, seconds=book.timer.seconds)
     print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, "
           f"KL {summary['kl_last']:.3f}")
     return summary

@@ -84,9 +84,9 @@ def run(config: Config, paths: RunPaths) -> dict:
     metrics = {
         "accuracy": float((margins > 0).mean()), "margin_mean": float(margins.mean()),
         **train_loss_ends(curve),
-        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), "eval_pairs": len(margins),
+        "steps": int(trainer.state.global_step), "eval_pairs": len(margins),
         **batch_metrics(trainer),
     }
-    write_metrics(paths, "rm", metrics, config)
+    write_metrics(paths, "rm", metrics, config, seconds=seconds)
     print(f"rm: held-out accuracy {metrics['accuracy']:.3f}, mean margin {metrics['margin_mean']:.3f}")
     return metrics

@@ -110,6 +110,7 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from .figures import save_figure
 
     judges = [j for j in JUDGES if f"{j}_gain" in table]
     sns.set_theme(style="whitegrid", context="paper")
@@ -130,7 +131,7 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     for suffix in ("png", "pdf"):
-        fig.savefig(out / f"seeds.{suffix}", dpi=200)
+        save_figure(fig, out / f"seeds.{suffix}", dpi=200)
     plt.close(fig)
 
 

@@ -2,7 +2,7 @@
 NF4 base + LoRA, the configured optimizer (paged AdamW 8-bit by default), gradient checkpointing
 when model.gradient_checkpointing is on. Writes the LoRA adapter, the merged SFT model the later
 stages start from, the held-out perplexity of the base and of the merged SFT model (in sft/, for
-the evaluation, and in the metrics with the stage's time) and the loss curve."""
+the evaluation, and in the metrics) and the loss curve; its training time goes to timings/sft.json."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     curve = history.write_csv(paths.metrics / "sft_history.csv")
     metrics = {
         **perplexity, **train_loss_ends(curve),
-        "steps": int(trainer.state.global_step), "seconds": round(seconds, 1), **batch_metrics(trainer),
+        "steps": int(trainer.state.global_step), **batch_metrics(trainer),
     }
-    write_metrics(paths, "sft", metrics, config)
+    write_metrics(paths, "sft", metrics, config, seconds=seconds)
     print(f"sft: held-out perplexity {perplexity_base:.2f} -> {perplexity_sft:.2f}; adapter in {paths.sft}")
     return metrics
