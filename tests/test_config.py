@@ -163,7 +163,7 @@ def test_not_a_mapping(tmp_path, content):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="params file not found"):
+    with pytest.raises(ConfigError, match="is a folder, not a params file"):  # issue 35: says it is a folder
         load_config(tmp_path)
 
 

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..actor import ActorCritic, forward, response_mask, sample, token_logprobs
-from ..atomic import atomic_dir, atomic_file, read_json, read_jsonl
+from ..atomic import atomic_dir, atomic_file, read_json
+from ..checkpoints import reused_rows
 from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model
@@ -101,9 +102,9 @@ def cached(folder: Path, name: str, make) -> list[dict]:
     (checkpoints_for empties the folder otherwise); else make() them and save them atomically, so that
     a crash or kill later in the evaluation keeps every policy already generated."""
     path = folder / f"{name}.jsonl"
-    if path.is_file():
-        print(f"evaluate: reusing {path}")
-        return read_jsonl(path)
+    rows = reused_rows(path, "evaluate") if path.is_file() else None  # damaged: reported, generated again
+    if rows is not None:
+        return rows
     rows = make()
     with atomic_file(path) as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..actor import POLICY, ActorCritic, response_mask, token_logprobs
 from ..atomic import atomic_dir, read_json, write_json
+from ..checkpoints import newest_loadable
 from ..config import Config, PPOConfig
 from ..data import read_split
 from ..paths import RunPaths
@@ -215,7 +216,7 @@ def update(ac: ActorCritic, optimizer, batch: dict, cfg: PPOConfig) -> dict[str,
 # ------------------------------------------------------------------ checkpoints
 def latest_checkpoint(root: Path) -> Path | None:
     done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+    return newest_loadable(done, "ppo")  # a damaged newest one is reported and skipped (checkpoints.py)
 
 
 def save_policy(ac: ActorCritic, out: Path) -> None:
