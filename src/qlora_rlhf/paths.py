@@ -21,7 +21,7 @@ def project_root(params: Path | None = None) -> Path:
     params file, else above the current folder, else the current folder. `dvc repro` runs every
     command there; the CLI changes to it before a stage runs, so a verb started in docs/ writes
     where the same verb started in the root would."""
-    starts = ([Path(params).absolute().parent] if params is not None else []) + [Path.cwd()]
+    starts = ([Path(os.path.abspath(params)).parent] if params is not None else []) + [Path.cwd()]
     for start in starts:
         for folder in (start, *start.parents):
             if (folder / PROJECT_MARKER).is_file():
