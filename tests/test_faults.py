@@ -475,7 +475,8 @@ def test_a_full_disk_during_a_trainer_checkpoint_is_one_line_and_the_rerun_resum
 
     monkeypatch.setattr(torch, "save", save)
     assert cli.main(["sft", "--params", str(params)]) == 1
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    err = [line[line.index("error: "):] for line in lines if "error: " in line]  # after tqdm's unfinished bar
     folder = run / "checkpoints" / "sft"
     assert err == [(f"error: could not write {folder / 'checkpoint-4' / 'optimizer.pt'}: No space left on device; "
                    "the previous checkpoints are left as they were")], err
@@ -570,3 +571,58 @@ def test_validate_without_a_network_says_so_in_seconds(write_params, monkeypatch
                              "model.name_or_path": "someorg/not-downloaded"})
     assert cli.main(["validate", "--params", str(params)]) == 2
     assert "huggingface.co cannot be reached" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_snakemake_beside_a_running_dvc_repro_is_refused_and_dvcs_run_stands(tmp_path, tiny_model_dir):
+    """The race of issue 35 through both front doors: `snakemake --cores 1 sft` while `dvc repro sft`
+    trains. Snakemake's job is refused by the lock (its error names DVC's stage as the holder), it
+    records nothing, DVC's run finishes alone with its history in step order and matches dvc.lock."""
+    from conftest import BIN, scratch_env, scratch_project
+
+    root = scratch_project(tmp_path / "project", tiny_model_dir,
+                           **{"sft.max_steps": 40, "sft.save_steps": 4, "sft.logging_steps": 1})
+    env = scratch_env()
+    history = root / "results" / "smoke" / "checkpoints" / "sft" / "history.jsonl"
+    dvc = subprocess.Popen([str(BIN / "dvc"), "repro", "sft"], cwd=root, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not read_jsonl(history) and dvc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert read_jsonl(history), "DVC's sft logged no step"
+        smk = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "sft"], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=600)
+        said = smk.stdout + smk.stderr
+        assert smk.returncode != 0, said[-3000:]
+        assert "is being written by PID" in said and "qlora_rlhf sft --params params.yaml" in said, said[-3000:]
+        assert "dvc_record: recorded" not in said
+        out = dvc.communicate(timeout=900)[0]
+        assert dvc.returncode == 0, out[-3000:]
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+            dvc.wait()
+    steps = [row["step"] for row in read_jsonl(history)]
+    assert steps == list(range(1, 41)), steps  # one writer: no step logged twice, none out of order
+    status = subprocess.run([str(BIN / "dvc"), "status", "sft"], cwd=root, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
+def test_snakemakes_record_step_reports_dvcs_own_error(tmp_path):
+    """Issue 35: "recording it in dvc.lock failed (dvc commit ... --quiet ...):" with an empty cause,
+    because --quiet silenced DVC's error too. With DVC's repository lock held (as by `dvc repro`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+    from conftest import BIN, scratch_env
+    from dvc_record import RecordError, record
+
+    env = scratch_env()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo a\n")
+    from dvc.repo import Repo
+
+    with Repo(str(tmp_path)).lock:
+        with pytest.raises(RecordError) as info:
+            record(tmp_path, ["a"])
+    assert "Unable to acquire lock" in str(info.value), str(info.value)

@@ -165,8 +165,9 @@ def checkpoint_write_error(exc: Exception, folder: Path, step: int) -> SaveError
     the path and the cause. Trainer writes checkpoint-N in place, trainer_state.json last, so a save cut
     short leaves a folder without it: removed here (it frees what space it took), the complete ones are
     kept and a re-run resumes from the newest."""
-    path = Path(getattr(exc, "filename", None) or Path(folder) / f"checkpoint-{step}")
     cause = write_failure(exc, Path(folder))
+    # an OSError names its file, or is a log line's write (no name: the folder); a library's error is the save's
+    path = getattr(exc, "filename", None) or (folder if isinstance(exc, OSError) else Path(folder) / f"checkpoint-{step}")
     if cause is None:
         return None
     partial = Path(folder) / f"checkpoint-{step}"
