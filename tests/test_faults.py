@@ -281,7 +281,8 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     """flock: the kernel drops it with the process (kill -9 included), so no stale lock is left to clear."""
     from qlora_rlhf import lock
 
-    code = "import sys, time; from qlora_rlhf import lock; held = lock.exclusive(sys.argv[1]); held.__enter__(); print('held', flush=True); time.sleep(60)"
+    code = ("import sys, time; from qlora_rlhf import lock; held = lock.exclusive(sys.argv[1]); held.__enter__(); "
+            "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(lock.FolderBusy, match=f"PID {holder.pid} "):

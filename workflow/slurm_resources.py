@@ -120,8 +120,8 @@ def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
 
 def profile_block(derived: dict) -> str:
     """The default-resources and set-resources sections of the profile, with the reason per rule."""
-    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}" + (f"  # {derived['signal_why']}" if k == "slurm_extra" else "")
-                                      for k, v in derived["default"].items()]
+    why = {"slurm_extra": f"  # {derived['signal_why']}"}
+    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}{why.get(k, '')}" for k, v in derived["default"].items()]
     lines.append("set-resources:")
     for rule, res in derived["rules"].items():
         body = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in res.items())

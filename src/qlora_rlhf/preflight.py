@@ -47,7 +47,8 @@ def in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
     if repo_type == "model":
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
-    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets") / repo_id.replace("/", "___")
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    prepared = datasets_cache / repo_id.replace("/", "___")
     return (hub.is_dir() and any(hub.iterdir())) or prepared.is_dir()  # downloaded, or prepared by `datasets`
 
 
