@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -627,3 +628,19 @@ def test_snakemakes_record_step_reports_dvcs_own_error(tmp_path):
         with pytest.raises(RecordError) as info:
             record(tmp_path, ["a"])
     assert "Unable to acquire lock" in str(info.value), str(info.value)
+
+
+def test_snakemake_runs_one_of_the_runs_stages_at_a_time_and_seeds_side_by_side():
+    """The run's rules each take the one unit of the Snakefile's run_folder resource (data and base,
+    independent in the DAG, would otherwise start together under --cores 2 and collide on the run
+    folder's lock); a seed's rules take none, so `snakemake --cores N seeds` still runs seeds at once."""
+    from conftest import BIN, REPO, scratch_env
+
+    done = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "2", "--forceall", "all", "seeds"], cwd=REPO,
+                          env=scratch_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    asked = dict(re.findall(r"rule (\w+):.*?run_folder=(\d)", done.stdout, flags=re.S))
+    seeded = {rule for rule in asked if "_seed_" in rule}
+    assert seeded and all(asked[rule] == "0" for rule in seeded), asked
+    assert {rule for rule, n in asked.items() if n == "1"} >= {"data", "base", "sft", "rm", "ppo", "evaluate",
+                                                               "figures", "paper", "seeds"}, asked
