@@ -15,6 +15,13 @@ configfile: "params.yaml"
 
 STAGES = load_stages(Path(workflow.basedir) / "dvc.yaml", config)
 
+# One writer per results folder (src/qlora_rlhf/lock.py): each of the run's stages holds
+# results/<run>/ while it runs, so Snakemake starts one at a time (data and base, which the DAG
+# allows side by side, would otherwise collide and one would be refused); a seed's stages hold only
+# their seed's folder and ask for none of this resource, so seeds still run side by side.
+if "run_folder" not in workflow.global_resources:
+    workflow.register_resource("run_folder", 1)
+
 
 rule all:
     default_target: True

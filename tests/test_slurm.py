@@ -56,6 +56,24 @@ def test_profile_resources_are_derived():
     assert gpu == {"sft", "rm", "ppo", "evaluate", "best_of_n", "ppo_seed_1", "ppo_seed_2", "evaluate_seed_1", "evaluate_seed_2"}
 
 
+def test_profile_asks_for_sigterm_before_the_limit_and_requeues():
+    """Issue 35: SIGTERM ahead of the time limit, long enough for the longest measured step plus a
+    checkpoint save (twice), for every rule; a preempted job requeued by SLURM; a failed one retried."""
+    import json
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    from slurm_resources import SAFETY, derive
+
+    profile = yaml.safe_load(PROFILE.read_text())
+    extra = profile["default-resources"]["slurm_extra"]
+    assert extra == derive()["default"]["slurm_extra"]
+    seconds = int(re.fullmatch(r"--signal=TERM@(\d+)", extra).group(1))  # not B: the stage runs in an srun step
+    measured = json.loads((REPO / "benchmarks" / "results" / "throughput-llama2-7b.json").read_text())
+    assert seconds >= SAFETY * measured["ppo"]["seconds_per_step"] and seconds % 60 == 0
+    assert not any("slurm_extra" in rule for rule in profile["set-resources"].values())  # every rule inherits it
+    assert profile["slurm-requeue"] is True and profile["retries"] >= 1
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A running one-node cluster; yields the environment that points SLURM's clients at it."""

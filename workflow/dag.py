@@ -73,6 +73,12 @@ class Stage:
     def outputs(self) -> list[str]:
         return self.outs + self.files
 
+    @property
+    def locks_run_folder(self) -> bool:
+        """The stage holds results/<run>/ while it runs (src/qlora_rlhf/lock.py); a seed's stage
+        (`--seed N`) holds only results/<run>/seeds/<N>/."""
+        return "--seed" not in self.cmd.split()
+
     def rule_params(self) -> dict[str, Any]:
         """Snakemake params need identifiers: `model.name_or_path` -> `model__name_or_path`."""
         return {key.replace(".", "__"): value for key, value in self.params.items()}

@@ -41,10 +41,14 @@ def record(root: str | Path, names: list[str]) -> list[str]:
     if not (root / ".dvc").is_dir():
         print(f"dvc_record: {root} is not a DVC project (no .dvc/): dvc.lock not updated", file=sys.stderr)
         return []
-    cmd = [sys.executable, "-m", "dvc", "commit", "--force", "--no-relink", "--quiet", *names]
+    # Not --quiet: it silences DVC's error too, and a failure then read "failed (...):" with no cause
+    # (issue 35: DVC's "Unable to acquire lock" while a `dvc repro` held the repository).
+    cmd = [sys.executable, "-m", "dvc", "commit", "--force", "--no-relink", *names]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if done.returncode != 0:
-        said = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])  # DVC's error, not its traceback
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        errors = [line for line in lines if line.startswith("ERROR")]  # DVC's error, not its traceback
+        said = "\n".join(errors or lines[-5:]) or f"(dvc exited {done.returncode} and said nothing)"
         raise RecordError(
             f"the Snakemake run succeeded, but recording it in dvc.lock failed ({' '.join(cmd[2:])}):\n"
             f"{said}\nrun that command once the cause is fixed"

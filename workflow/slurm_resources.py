@@ -20,6 +20,15 @@
   and a small fixed budget: they read and write tables and text, and take seconds to minutes.
 - default-resources (any rule not named, e.g. a seed added to seeds.ppo later) is PPO's budget, the
   largest GPU one, so that no model stage lands on a node without a GPU.
+- Preemption notice (`slurm_extra: --signal=TERM@<seconds>` in default-resources, so every rule gets
+  it): SLURM sends SIGTERM that long before the time limit, and the stage must finish the step in
+  progress and save a checkpoint in it (preemption.py). Seconds: SAFETY x (the longest measured step,
+  PPO's, + one checkpoint save), rounded up to whole minutes (SLURM's signal timer has a resolution of
+  a minute). A save writes the trainable params and the optimizer state: CHECKPOINT_BYTES_PER_PARAM
+  per LoRA param (fp32 weights + AdamW's two fp32 moments, an upper bound for the 8-bit optimizer),
+  at WRITE_MB_PER_S, an assumed write speed of a shared file system (not measured here).
+  `--signal=TERM@`, not `B:TERM@`: the stage runs in a job step (the executor's `srun`), and `B:` would
+  signal only the batch shell.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ CPU_STAGES = {  # mem_mb, runtime (minutes): tables and text only
     "seeds": (4096, 30),
 }
 GIB = 1024**3
+CHECKPOINT_BYTES_PER_PARAM = 4 + 8
+WRITE_MB_PER_S = 100
 
 
 def _mib(gib: float) -> int:
@@ -61,7 +72,7 @@ def _minutes(seconds: float) -> int:
 def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
     """{"default": resources, "rules": {rule name: resources}, "why": {rule name: text}}."""
     from qlora_rlhf.config import load_config
-    from qlora_rlhf.memory import GIB as PLAN_GIB, architecture, plan
+    from qlora_rlhf.memory import GIB as PLAN_GIB, architecture, lora_params, plan
 
     config = load_config(params_path)
     arch = architecture(config)
@@ -102,12 +113,19 @@ def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
         if kind not in kinds:
             raise KeyError(f"dvc.yaml stage {kind!r} has no SLURM resources in workflow/slurm_resources.py")
         rules[stage.rule_name], why[stage.rule_name] = kinds[kind]
-    return {"default": kinds["ppo"][0], "rules": rules, "why": why}
+    step_s = max(sft_s / config.sft.max_steps, rm_s / config.rm.max_steps, ppo_s / config.ppo.steps)
+    save_s = lora_params(config, arch) * CHECKPOINT_BYTES_PER_PARAM / (WRITE_MB_PER_S * 1e6)
+    notice = int(math.ceil(SAFETY * (step_s + save_s) / 60)) * 60
+    signal = {"slurm_extra": f"--signal=TERM@{notice}"}
+    signal_why = (f"SIGTERM {notice} s before the time limit: {SAFETY} x (a {step_s:.1f} s step + a {save_s:.1f} s "
+                  f"checkpoint save), whole minutes")
+    return {"default": kinds["ppo"][0] | signal, "rules": rules, "why": why, "signal_why": signal_why}
 
 
 def profile_block(derived: dict) -> str:
     """The default-resources and set-resources sections of the profile, with the reason per rule."""
-    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}" for k, v in derived["default"].items()]
+    why = {"slurm_extra": f"  # {derived['signal_why']}"}
+    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}{why.get(k, '')}" for k, v in derived["default"].items()]
     lines.append("set-resources:")
     for rule, res in derived["rules"].items():
         body = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in res.items())

@@ -4,8 +4,10 @@ a line cut off mid-write spoils only itself."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +16,53 @@ from pathlib import Path
 
 from .errors import SaveError  # noqa: F401  (re-exported: callers import it from here)
 
+# errno values that mean "this folder cannot take the write": a full disk or quota, a read-only mount,
+# no permission, a file too large for the file system
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# The libraries that write model files do not raise OSError: safetensors (Rust) raises SafetensorError
+# "... (os error 28)", and torch.save's zip writer a RuntimeError that gives no errno at all.
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+_TORCH_SHORT_WRITE = ("PytorchStreamWriter failed", "unexpected pos", "inline_container")
+_LOW_SPACE = 64 * 1024**2
 
+
+def _free(folder: Path) -> int | None:
+    for candidate in (Path(folder), *Path(folder).parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**2:.1f} MB" if n >= 1024**2 else f"{n / 1024:.0f} KB"
+
+
+def write_failure(exc: BaseException, folder: Path | None = None) -> str | None:
+    """The cause, in words, when `exc` is a failed write (a full disk, a read-only folder, no
+    permission), whichever library raised it; None for any other error. `folder`: where the write
+    went, to tell a full disk apart from another failure of torch's zip writer, which names none."""
+    if isinstance(exc, SaveError):
+        return None  # already says what failed
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return os.strerror(exc.errno)
+    text = str(exc)
+    found = _RUST_OS_ERROR.search(text)
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return os.strerror(int(found.group(1)))
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _TORCH_SHORT_WRITE):
+        free = _free(folder) if folder is not None else None
+        if free is not None and free < _LOW_SPACE:
+            return f"{os.strerror(errno.ENOSPC)} ({_size(free)} free there)"
+        return f"the write stopped short ({text.splitlines()[0].strip()})"
+    return None
+
+
+def save_error(exc: BaseException, target: Path, kept: str = "the previous output is left as it was") -> SaveError | None:
+    """The one-line SaveError for a failed write to `target`, or None if `exc` is not one."""
+    cause = write_failure(exc, Path(target).parent)
+    return None if cause is None else SaveError(f"could not write {target}: {cause}; {kept}")
 
 
 def _default_mode(directory: bool) -> int:
@@ -28,11 +76,14 @@ def _default_mode(directory: bool) -> int:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     old = target.with_name(f".{target.name}.old")
-    if old.exists() and not target.exists():  # a run killed between the two renames: put it back
-        old.rename(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if old.exists() and not target.exists():  # a run killed between the two renames: put it back
+            old.rename(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise save_error(exc, target) or exc from None
     try:
         yield tmp
         tmp.chmod(_default_mode(directory=True))
@@ -47,19 +98,24 @@ def atomic_dir(target: Path) -> Iterator[Path]:
                 old.rename(target)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not write {target}: {exc}; the previous output is left as it was") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # first: it frees the space a full disk lacked
+        error = save_error(exc, target) if isinstance(exc, Exception) else None
+        if error is None and isinstance(exc, OSError) and not isinstance(exc, SaveError):
+            error = SaveError(f"could not write {target}: {exc}; the previous output is left as it was")
+        if error is not None:
+            raise error from exc
         raise
 
 
 @contextmanager
 def atomic_file(target: Path, mode: str = "w") -> Iterator:
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as exc:
+        raise save_error(exc, target) or exc from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -67,11 +123,13 @@ def atomic_file(target: Path, mode: str = "w") -> Iterator:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise SaveError(f"could not write {target}: {exc}; the previous output is left as it was") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        error = save_error(exc, target) if isinstance(exc, Exception) else None
+        if error is None and isinstance(exc, OSError) and not isinstance(exc, SaveError):
+            error = SaveError(f"could not write {target}: {exc}; the previous output is left as it was")
+        if error is not None:
+            raise error from exc
         raise
 
 

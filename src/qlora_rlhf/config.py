@@ -246,6 +246,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_config(path: str | Path) -> Config:
     """Read and validate a params file; raises ConfigError with a readable message."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a params file (pass the YAML file, e.g. --params {path / 'params.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:

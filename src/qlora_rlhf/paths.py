@@ -6,10 +6,42 @@ reward model."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError
+
+PROJECT_MARKER = "dvc.yaml"
+
+
+def project_root(params: Path | None = None) -> Path:
+    """The folder that relative paths of a params file are relative to (run.results_dir, data.source,
+    a local model.name_or_path): the project's root, the nearest folder holding dvc.yaml above the
+    params file, else above the current folder, else the current folder. `dvc repro` runs every
+    command there; the CLI changes to it before a stage runs, so a verb started in docs/ writes
+    where the same verb started in the root would."""
+    starts = ([Path(os.path.abspath(params)).parent] if params is not None else []) + [Path.cwd()]
+    for start in starts:
+        for folder in (start, *start.parents):
+            if (folder / PROJECT_MARKER).is_file():
+                return folder
+    return Path.cwd()
+
+
+def check_results_dir(config: Config, root: Path) -> None:
+    """A relative run.results_dir must stay inside the project (`..` would write beside it); outside
+    it, the folder must be given as an absolute path, and never the file system's root. Compared as
+    text, not through symlinks: results/ may be a link to a larger disk."""
+    given = config.run.results_dir
+    if Path(given).is_absolute():
+        if Path(os.path.normpath(given)) == Path("/"):
+            raise ConfigError(f"run.results_dir={given!r} is the file system's root: give a folder for the results")
+        return
+    resolved = Path(os.path.normpath(root / given))
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(f"run.results_dir={given!r} leads outside the project {root} (to {resolved}); "
+                          "a results folder outside the project must be given as an absolute path")
 
 # Files one stage writes into its folder for a later one. Named here, not in the writing stage's
 # module, so that a reader (the evaluation) depends on paths.py, not on the code of the stage that wrote them.

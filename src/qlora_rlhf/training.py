@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, set_seed
 
 from . import distributed, precision
-from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_json
+from .atomic import append_jsonl, atomic_file, read_json, read_jsonl, write_failure, write_json
+from .checkpoints import newest_loadable
 from .config import Config
-from .errors import TrainingError  # noqa: F401  (re-exported)
+from .errors import SaveError, TrainingError  # noqa: F401  (re-exported)
 from .paths import RunPaths
 from .preemption import PreemptionCallback, SigtermFlag, stopped
 from .timings import write_timings
@@ -106,14 +107,16 @@ class HistoryCallback(TrainerCallback):
             self.history.log(state.global_step, picked)
 
 
-def trainer_checkpoint_to_resume(folder: Path, max_steps: int) -> str | None:
+def trainer_checkpoint_to_resume(folder: Path, max_steps: int, stage: str = "training") -> str | None:
     """The newest complete Trainer checkpoint before `max_steps`: trainer_state.json is written last
     (and not atomically), so a checkpoint cut off by a kill, even in that file, is skipped; and a
     finished run's final checkpoint is not resumed, because Trainer checks `max_steps` only after a
-    step and would train one step more (a re-run of a finished stage must give the same model)."""
+    step and would train one step more (a re-run of a finished stage must give the same model).
+    A complete one whose files are damaged is reported and the one before it taken (checkpoints.py)."""
     done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")}
-    resumable = [step for step in done if step < max_steps]
-    return str(done[max(resumable)]) if resumable else None
+    resumable = [done[step] for step in sorted(done) if step < max_steps]
+    chosen = newest_loadable(resumable, stage)
+    return str(chosen) if chosen else None
 
 
 def _readable_json(path: Path) -> bool:
@@ -134,7 +137,9 @@ def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> flo
     complete checkpoint if there is one; returns the training seconds, counted across resumes (Timer).
     A SIGTERM during training saves a checkpoint after the current step and raises Preempted (preemption.py)."""
     folder, max_steps = paths.checkpoints(stage), getattr(config, stage).max_steps
-    resume = trainer_checkpoint_to_resume(folder, max_steps)
+    resume = trainer_checkpoint_to_resume(folder, max_steps, stage)
+    if resume and trainer.args.should_save:
+        print(f"{stage}: resuming from {resume} (step {checkpoint_step(resume)})")
     timer = Timer(folder, checkpoint_step(resume), record=trainer.args.should_save)
     match_trainable_dtype(trainer.model, config)
     trainer.add_callback(TrainableDtypeCallback(config))
@@ -146,11 +151,30 @@ def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> flo
     with SigtermFlag() as sigterm, timer:
         preemption = PreemptionCallback(sigterm)
         trainer.add_callback(preemption)
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except Exception as exc:
+            raise checkpoint_write_error(exc, folder, trainer.state.global_step) or exc
     if preemption.stopped_at is not None or sigterm.received:
         # the checkpoint a re-run resumes from: the one just saved, or before it if training had reached max_steps
-        raise stopped(stage, trainer.state.global_step, trainer_checkpoint_to_resume(folder, max_steps))
+        raise stopped(stage, trainer.state.global_step, trainer_checkpoint_to_resume(folder, max_steps, stage))
     return timer.seconds
+
+
+def checkpoint_write_error(exc: Exception, folder: Path, step: int) -> SaveError | None:
+    """A failed write during training (a checkpoint's save, the history log) as one SaveError naming
+    the path and the cause. Trainer writes checkpoint-N in place, trainer_state.json last, so a save cut
+    short leaves a folder without it: removed here (it frees what space it took), the complete ones are
+    kept and a re-run resumes from the newest."""
+    cause = write_failure(exc, Path(folder))
+    # an OSError names its file, or is a log line's write (no name: the folder); a library's error is the save's
+    path = getattr(exc, "filename", None) or (folder if isinstance(exc, OSError) else Path(folder) / f"checkpoint-{step}")
+    if cause is None:
+        return None
+    partial = Path(folder) / f"checkpoint-{step}"
+    if partial.is_dir() and not _readable_json(partial / "trainer_state.json"):
+        shutil.rmtree(partial, ignore_errors=True)
+    return SaveError(f"could not write {path}: {cause}; the previous checkpoints are left as they were")
 
 
 class TrainableDtypeCallback(TrainerCallback):

@@ -5,6 +5,8 @@
 # Threads: Snakemake sets OMP_NUM_THREADS (torch's thread count) to a rule's threads. A plain stage
 # takes every core it is given; the stages of one `foreach` (the PPO seeds) share them, so that
 # independent seeds run side by side under `--cores N`.
+# Resources: run_folder (Snakefile) keeps two of the run's stages from running at once, since each
+# holds the run folder's lock; seeds' stages ask for none.
 
 
 def _stage_rule(stage):
@@ -19,6 +21,8 @@ def _stage_rule(stage):
         params:
             **stage.rule_params(),
         threads: max(1, workflow.cores // stage.group_size)
+        resources:
+            run_folder=int(stage.locks_run_folder),
         shell:
             stage.cmd.replace("{", "{{").replace("}", "}}")
 

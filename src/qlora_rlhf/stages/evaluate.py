@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..actor import Samples, SharedBaseRoles
-from ..atomic import atomic_dir, atomic_file, read_json, read_jsonl
+from ..atomic import atomic_dir, atomic_file, read_json
+from ..checkpoints import reused_rows
 from ..config import Config, EvalConfig
 from ..data import read_split
 from ..models import base_location, load_model
@@ -239,12 +240,9 @@ def _rollout_config(config: Config) -> Config:
 
 def load_saved(folder: Path, name: str) -> list[dict] | None:
     """The records saved as folder/<name>.jsonl by an earlier run with the same params and inputs
-    (checkpoints_for empties the folder otherwise), or None."""
+    (checkpoints_for empties the folder otherwise), or None; a damaged file is reported and made again."""
     path = folder / f"{name}.jsonl"
-    if not path.is_file():
-        return None
-    print(f"evaluate: reusing {path}")
-    return read_jsonl(path)
+    return reused_rows(path, "evaluate") if path.is_file() else None
 
 
 def save(folder: Path, name: str, rows: list[dict]) -> None:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .. import model_card
 from ..actor import POLICY, SharedBaseRoles
 from ..atomic import atomic_dir, read_json, write_json
+from ..checkpoints import newest_loadable
 from ..config import Config, PPOConfig
 from ..data import read_split
 from ..paths import RunPaths
@@ -351,7 +352,7 @@ class Checkpoints:
     def latest(self) -> Path | None:
         """The newest complete checkpoint (state.json is written inside the atomic folder), or None."""
         done = sorted(p for p in self.root.glob("step-*") if (p / "state.json").is_file())
-        return done[-1] if done else None
+        return newest_loadable(done, "ppo")  # a damaged newest one is reported and skipped (checkpoints.py)
 
     def save(self, step: int, roles: SharedBaseRoles, optimizer, kl: KLController) -> None:
         with atomic_dir(self.root / f"step-{step:06d}") as out:
