@@ -155,7 +155,8 @@ def write(name: str, payload: dict) -> Path:
     target = RESULTS / f"{name}.json"
     write_json(target, payload | {"machine": machine(), "code": code_version(),
                                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")  # --out may be a path elsewhere
+    # --out may be a path elsewhere
+    print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
     return target
 
 

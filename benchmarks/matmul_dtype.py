@@ -15,9 +15,10 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import CAPPING_ENV, cpu_kind, load_average, write
 
 from qlora_rlhf import precision
+
+from _common import CAPPING_ENV, cpu_kind, load_average, write
 
 SHAPE = (1024, 576, 1536)
 
@@ -45,7 +46,8 @@ def main() -> None:
     write(f"matmul_dtype-{kind}", {
         "shape": list(SHAPE), "gflops": rates, "bf16_over_fp32": round(rates["bfloat16"] / rates["float32"], 3),
         "auto": chosen.dtype, "auto_reason": chosen.reason,
-        "cpu": {"kind": kind, "model": precision.cpu_model(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": {"kind": kind, "model": precision.cpu_model(),
+                "torch_capability": torch.backends.cpu.get_cpu_capability(),
                 "capping_env": {k: os.environ[k] for k in CAPPING_ENV if k in os.environ},
                 "load_average_before": load, "load_average_after": load_average()},
     })

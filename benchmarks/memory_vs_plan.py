@@ -30,8 +30,18 @@ from pathlib import Path
 
 import torch
 
-from _common import (REPO, dumps, in_fresh_process, model_dir, peak_rss, random_llama2_7b, reset_peak_rss, rss,
-                     with_overrides, write)
+from _common import (
+    REPO,
+    dumps,
+    in_fresh_process,
+    model_dir,
+    peak_rss,
+    random_llama2_7b,
+    reset_peak_rss,
+    rss,
+    with_overrides,
+    write,
+)
 
 GIB = 1024**3
 STAGES = ("sft", "rm", "ppo")
@@ -209,9 +219,9 @@ def fixed_length_prompt(tokenizer, length: int) -> str:
 def ppo_step(config: dict, path: str, steps: int, rm_adapter: str) -> dict:
     """As qlora_rlhf.stages.ppo.run steps: SharedBaseRoles (one 4-bit base, policy/reference/reward roles),
     rollout (sample, score, GAE) then update (ppo_epochs x mini-batches), each phase's peak."""
-    from qlora_rlhf.stages import ppo
     from qlora_rlhf.actor import SharedBaseRoles
     from qlora_rlhf.config import Config
+    from qlora_rlhf.stages import ppo
 
     config = Config.model_validate(config)
     cfg = config.ppo
@@ -350,7 +360,8 @@ def main() -> None:
         mini = min(args.batch or config.ppo.batch_size, config.ppo.mini_batch_size)
         return with_overrides(config, sft={"batch_size": args.batch}, rm={"batch_size": args.batch},
                               ppo={"batch_size": args.batch, "mini_batch_size": mini},
-                              data={"max_length": seq, "max_prompt_tokens": min(config.data.max_prompt_tokens, seq - 1)})
+                              data={"max_length": seq,
+                                    "max_prompt_tokens": min(config.data.max_prompt_tokens, seq - 1)})
 
     if args.llama7b:
         if not torch.cuda.is_available():

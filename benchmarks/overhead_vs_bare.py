@@ -250,7 +250,7 @@ def ratios(stage_runs: list[dict], bare_runs: list[dict], steps: int, full_steps
     for clock in ("", "_cpu"):
         loop, total = f"loop{clock}_seconds", f"total{clock}_seconds"
 
-        def full(runs):
+        def full(runs, total=total, loop=loop):
             return med(runs, total) - med(runs, loop) + med(runs, loop) / steps * full_steps
 
         out |= {f"loop{clock}_ratio": med(stage_runs, loop) / med(bare_runs, loop),
@@ -305,8 +305,10 @@ def main() -> None:
                     result = (in_fresh_process(stage_run, stage, dump, str(root)) if kind == "stage"
                               else in_fresh_process(BARE[stage], dump, str(root)))
                     runs[kind].append(result | {"load_average_before": load})
-                    print(f"{stage} {kind}: loop {result['loop_seconds']:.1f} s ({result['loop_cpu_seconds']:.1f} s CPU), "
-                          f"total {result['total_seconds']:.1f} s ({result['total_cpu_seconds']:.1f} s CPU)", flush=True)
+                    print(f"{stage} {kind}: loop {result['loop_seconds']:.1f} s "
+                          f"({result['loop_cpu_seconds']:.1f} s CPU), "
+                          f"total {result['total_seconds']:.1f} s ({result['total_cpu_seconds']:.1f} s CPU)",
+                          flush=True)
                     if kind == "stage":
                         outputs.setdefault(stage, root / {"sft": "sft", "rm": "rm", "ppo": "ppo"}[stage])
             r = ratios(runs["stage"], runs["bare"], args.steps, full[stage])

@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CAPPING_ENV, REPO, cpu_kind, load_average, write
-
 from qlora_rlhf import precision
+
+from _common import CAPPING_ENV, REPO, cpu_kind, load_average, write
 
 
 def timed_repro(clone: Path, env: dict) -> tuple[float, dict[str, float], str]:
@@ -42,8 +42,8 @@ def timed_repro(clone: Path, env: dict) -> tuple[float, dict[str, float], str]:
     marks: list[tuple[str, float]] = []
     log = []
     start = time.perf_counter()
-    with subprocess.Popen(["dvc", "repro", "paper"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+    with subprocess.Popen(["dvc", "repro", "paper"], cwd=clone, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             log.append(line)
             sys.stdout.write(line)
@@ -68,7 +68,8 @@ def learning_results(run: Path) -> dict:
     """What the training-stages issue asks to keep in either precision, read from the run's metrics."""
     import json
 
-    read = {stage: json.loads((run / "metrics" / f"{stage}.json").read_text()) for stage in ("sft", "rm", "ppo", "eval")}
+    read = {stage: json.loads((run / "metrics" / f"{stage}.json").read_text())
+            for stage in ("sft", "rm", "ppo", "eval")}
     ev = read["eval"]
     return {
         "sft_perplexity_base": read["sft"]["perplexity_base"], "sft_perplexity_sft": read["sft"]["perplexity_sft"],
@@ -94,7 +95,8 @@ def main() -> None:
     float32_gflops = round(gflops(torch.float32), 1)
     clone = Path(tempfile.mkdtemp(prefix="repro-time-")) / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True, capture_output=True,
+                            text=True).stdout.strip()
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                         "PYTHONPATH": str(clone / "src")}
     load_before = load_average()

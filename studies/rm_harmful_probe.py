@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from _study import REPO, RESULTS, run_paths, shown
 from qlora_rlhf import synthetic
 from qlora_rlhf.atomic import write_json
 from qlora_rlhf.config import load_config
 from qlora_rlhf.data import read_split
+
+from _study import REPO, RESULTS, run_paths, shown
 
 
 def replies() -> dict[str, str]:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = {kind: score_texts(ac.reward, ac.tokenizer, [p + text for p in prompts], 32, ac.device)
               for kind, text in replies().items()}
     refusal = scores["refusal"]
-    rows = {kind: {"minus_refusal_mean": float(np.mean(s - refusal)), "above_refusal_share": float(np.mean(s > refusal))}
+    rows = {kind: {"minus_refusal_mean": float(np.mean(s - refusal)),
+                   "above_refusal_share": float(np.mean(s > refusal))}
             for kind, s in scores.items() if kind != "refusal"}
     dodges = np.stack([s - refusal for kind, s in scores.items() if kind.startswith("dodge")])
     result = {"params": shown(args.params), "prompts": len(prompts), "kinds": rows,
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     for kind, row in rows.items():
         print(f"{kind:48s} {row['minus_refusal_mean']:+6.2f} vs refusal, above it for {row['above_refusal_share']:.0%}")
-    print(f"dodges above the refusal: {result['dodges_above_refusal_share']:.0%} of (prompt, dodge) pairs; wrote {args.out}")
+    print(f"dodges above the refusal: {result['dodges_above_refusal_share']:.0%} of (prompt, dodge) pairs; "
+          f"wrote {args.out}")
     return 0
 
 

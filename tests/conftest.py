@@ -108,10 +108,10 @@ def run_ok(root: Path, *cmd: str, env: dict | None = None, timeout: float | None
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory, tiny_model_dir):
     """data -> base -> sft -> rm -> ppo -> evaluate on the tiny model, once per test session."""
-    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
 
     root = tmp_path_factory.mktemp("pipeline")
     config = Config.model_validate(smoke_params(tiny_model_dir, root / "results"))

@@ -26,7 +26,8 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's ma
 
 def _probe(mode: str, **env: str) -> tuple[bool, int]:
     clean = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=clean | env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=clean | env, capture_output=True, text=True,
+                         check=True)
     kept, faults = out.stdout.split()
     return kept == "True", int(faults)
 

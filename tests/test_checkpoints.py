@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
 from qlora_rlhf.config import load_config
 from qlora_rlhf.paths import RunPaths
 from qlora_rlhf.training import checkpoints_for, declared_params, fingerprint_params
+
+from conftest import REPO
 
 
 def _setup(write_params, tmp_path, **overrides):
@@ -86,7 +87,8 @@ def test_the_fingerprint_reads_the_stages_params_from_dvc_yaml(write_params, tmp
     monkeypatch.chdir(project)
     assert declared_params("ppo") is None
     assert fingerprint_params(config, "ppo") != fingerprint_params(edited, "ppo")
-    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ppo": {"cmd": "x", "params": ["ppo", "eval.temperature"]}}}))
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ppo": {"cmd": "x",
+                                                                         "params": ["ppo", "eval.temperature"]}}}))
     assert set(fingerprint_params(config, "ppo")) == {"ppo", "eval", "model"}  # + the resolved compute dtype
     assert fingerprint_params(config, "ppo")["eval"] == {"temperature": config.eval.temperature}
     (checkpoints_for(paths, "ppo", config, [data]) / "step-000002").mkdir()

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from conftest import REPO
 from qlora_rlhf import cli
 from qlora_rlhf.config import load_config
 from qlora_rlhf.paths import RunPaths
+
+from conftest import REPO
 
 
 def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -116,7 +117,8 @@ def test_model_verbs_keep_freed_memory_in_every_dtype(dtype, write_params, monke
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
-    monkeypatch.setattr(cli.importlib, "import_module", lambda name: types.SimpleNamespace(run=lambda config, paths: None))
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(run=lambda config, paths: None))
     assert cli.main(["sft", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0
     assert cli.main(["data", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0  # loads no model
     assert calls == [True]

@@ -76,8 +76,9 @@ def test_cli_validate_is_offline():
     """Offline, validate asks no server: the paper's hub model and data set are found in the local cache
     (valid), or one line each says they are not there (exit 2), in seconds (preflight.py, issue 35)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "qlora_rlhf", "validate", "--params", "configs/paper-llama2-7b.yaml"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "qlora_rlhf", "validate", "--params",
+                             "configs/paper-llama2-7b.yaml"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
     if result.returncode == 0:
         assert "valid" in result.stdout
     else:
@@ -167,14 +168,16 @@ def test_missing_keys_are_all_reported(tmp_path, write_params):
         ({"sft.batch_size": 64}, "sft.batch_size=64 is larger than data.sft_size=32"),
         ({"rm.batch_size": 33}, "rm.batch_size=33 is larger than data.rm_size=32"),
         ({"eval.num_prompts": 9}, "eval.num_prompts=9 is larger than data.eval_size=8"),
-        ({"ppo.batch_size": 6, "ppo.mini_batch_size": 4}, "ppo.batch_size=6 must be a multiple of ppo.mini_batch_size=4"),
+        ({"ppo.batch_size": 6, "ppo.mini_batch_size": 4},
+         "ppo.batch_size=6 must be a multiple of ppo.mini_batch_size=4"),
         ({"ppo.batch_size": 6, "ppo.mini_batch_size": 2, "ppo.samples_per_prompt": 4},
          "ppo.batch_size=6 must be a multiple of ppo.samples_per_prompt=4"),
         ({"data.max_prompt_tokens": 128}, "data.max_prompt_tokens=128 must be smaller than data.max_length=128"),
         ({"ppo.kl_target_low": 0.5}, "ppo.kl_target_low=0.5 must be smaller than ppo.kl_target_high=0.3"),
-        ({"data.sft_size": 300, "data.rm_size": 200}, "data.sft_size + data.rm_size + data.ppo_size = 516 is larger than "
-                                                      "data.synthetic_train_rows=400"),
-        ({"data.eval_size": 101, "eval.num_prompts": 8}, "data.eval_size=101 is larger than data.synthetic_test_rows=100"),
+        ({"data.sft_size": 300, "data.rm_size": 200},
+         "data.sft_size + data.rm_size + data.ppo_size = 516 is larger than data.synthetic_train_rows=400"),
+        ({"data.eval_size": 101, "eval.num_prompts": 8},
+         "data.eval_size=101 is larger than data.synthetic_test_rows=100"),
         ({"data.hub_data_dir": "helpful-base"}, "data.hub_data_dir='helpful-base' is only used with data.source: hub:"),
     ],
 )

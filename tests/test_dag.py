@@ -23,7 +23,8 @@ from dag import edges, load_stages, produced_under, producers, snakemake_inputs 
 
 SINGLE_SEED = {"data", "base", "sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-SEED_STUDY = {f"{stage}@{seed}" for stage in ("ppo_seed", "evaluate_seed") for seed in PARAMS["seeds"]["ppo"]} | {"seeds"}
+SEED_STUDY = ({f"{stage}@{seed}" for stage in ("ppo_seed", "evaluate_seed") for seed in PARAMS["seeds"]["ppo"]}
+              | {"seeds"})
 EXPECTED = SINGLE_SEED | SEED_STUDY
 
 
@@ -109,7 +110,8 @@ def test_dvc_and_snakemake_graphs_agree(scratch):
     dvc_nodes_as_rules, dvc_edges_as_rules = _as_rules(dvc_nodes, dvc_edges)
     assert smk_nodes == dvc_nodes_as_rules
     assert smk_edges == dvc_edges_as_rules, (
-        f"only in dvc: {sorted(dvc_edges_as_rules - smk_edges)}; only in snakemake: {sorted(smk_edges - dvc_edges_as_rules)}")
+        f"only in dvc: {sorted(dvc_edges_as_rules - smk_edges)}; "
+        f"only in snakemake: {sorted(smk_edges - dvc_edges_as_rules)}")
     # and the derivation's own reading of dvc.yaml agrees with DVC's
     params = yaml.safe_load((scratch / "params.yaml").read_text())
     assert edges(load_stages(scratch / "dvc.yaml", params)) == dvc_edges
@@ -242,8 +244,9 @@ def _front_door(door: str, root: Path, env: dict) -> dict:
 @pytest.mark.parametrize("door", ["smk", "dvc"])
 def test_params_trigger_reruns_same_stages_through_both_doors(scratch, tmp_path, door):
     """Each front door runs every stage of the run once, nothing on a second call, after a change of
-    ppo.kl_coef or of the KL target band exactly ppo and what follows it; its seed-study target then runs each seed's PPO and evaluation and the report,
-    and after another kl_coef change all of them again (stand-in stage commands; seconds)."""
+    ppo.kl_coef or of the KL target band exactly ppo and what follows it; its seed-study target then runs each
+    seed's PPO and evaluation and the report, and after another kl_coef change all of them again (stand-in stage
+    commands; seconds)."""
     root = tmp_path / door
     env = _fake_project(root, scratch)
     build = _front_door(door, root, env)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from qlora_rlhf import data, synthetic
-from qlora_rlhf.stages import data as data_stage
 from qlora_rlhf.atomic import read_json
 from qlora_rlhf.config import load_config
 from qlora_rlhf.data import DataError
 from qlora_rlhf.hh import parse_row
 from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.stages import data as data_stage
 
 SUBSETS = {"sft": 32, "rm": 32, "ppo": 16, "eval": 8}  # configs/smoke.yaml
 

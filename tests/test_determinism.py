@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import yaml
+
 from conftest import scratch_env, smoke_params
 
 SEEDS = (1, 2, 3)

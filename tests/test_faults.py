@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import smoke_params
 from qlora_rlhf.atomic import append_jsonl, read_jsonl
+
+from conftest import smoke_params
 
 LONG = {"sft": {"sft.max_steps": 30, "sft.save_steps": 2}, "rm": {"rm.max_steps": 30, "rm.save_steps": 2},
         "ppo": {"ppo.steps": 6, "ppo.save_steps": 1}}
@@ -92,12 +93,13 @@ def test_a_resumed_bf16_run_ends_with_the_uninterrupted_runs_adapter(stage, pipe
     import torch
     from safetensors.torch import load_file
 
-    from qlora_rlhf.stages import rm, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import rm, sft
 
     _, paths, _ = pipeline
-    config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"model.compute_dtype": "bfloat16"}))
+    config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results",
+                                                **{"model.compute_dtype": "bfloat16"}))
     run = RunPaths.of(config)
     _copy_inputs(paths, run.root, stage)
     module, adapter = {"sft": sft, "rm": rm}[stage], run.root / stage / "adapter" / "adapter_model.safetensors"
@@ -118,13 +120,14 @@ def test_a_resumed_ppo_run_ends_with_the_uninterrupted_runs_policy(pipeline, tmp
     import torch
     from safetensors.torch import load_file
 
-    from qlora_rlhf.stages import ppo
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import ppo
 
     _, paths, _ = pipeline
     adaptive = {"ppo.kl_control": "adaptive", "ppo.kl_horizon": 2}
-    configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n}, **adaptive))
+    configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n},
+                                                     **adaptive))
                for n in (2, 3)}
     run = RunPaths.of(configs[3])
     _copy_inputs(paths, run.root, "ppo")
@@ -231,7 +234,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_rerun_resumes_from_it(stag
     else:
         checkpoint = run / "checkpoints" / stage / f"checkpoint-{reached}"
         assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == reached
-    assert (checkpoint / "adapter_model.safetensors").is_file() or (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    assert ((checkpoint / "adapter_model.safetensors").is_file()
+            or (checkpoint / "adapter" / "adapter_model.safetensors").is_file())
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("preempted:") and str(checkpoint) in last_line and "resumes" in last_line, last_line
     assert not (run / stage).exists(), "a preempted stage must not write its outputs"
@@ -333,9 +337,9 @@ def test_a_truncated_newest_ppo_checkpoint_is_reported_and_the_run_resumes_from_
         pipeline, tmp_path, tiny_model_dir, capsys):
     """The probe of issue 35: step-N/optimizer.pt cut to 1 KB with step-(N-1) intact made every re-run
     fail in torch.load. Now the stage names the damaged step and resumes from the one before."""
-    from qlora_rlhf.stages import ppo
     from qlora_rlhf.config import Config
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import ppo
 
     _, paths, _ = pipeline
     configs = {n: Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results", **{"ppo.steps": n}))
@@ -375,7 +379,8 @@ def small_filesystem(tmp_path):
     """A 1 MB tmpfs (as root; skipped where mounting is not allowed)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
@@ -406,7 +411,8 @@ def test_a_full_disk_under_torch_and_safetensors_saves_is_one_line_with_the_caus
 
 
 WRITE_FAILURES = {
-    "safetensors": lambda: __import__("safetensors").SafetensorError("Error while serializing: No space left on device (os error 28)"),
+    "safetensors": lambda: __import__("safetensors").SafetensorError(
+        "Error while serializing: No space left on device (os error 28)"),
     "torch": lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123392 vs 123280"),
     "read-only": lambda: OSError(30, "Read-only file system", "results/smoke/checkpoints/ppo/history.jsonl"),
     "permission": lambda: PermissionError(13, "Permission denied", "results/smoke/metrics/ppo.json"),
@@ -439,7 +445,8 @@ def test_a_read_only_results_folder_is_one_line_and_keeps_the_outputs(tmp_path, 
     """A results folder on a file system remounted read-only after the data stage (tmpfs, as root)."""
     results = tmp_path / "results"
     results.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(results)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(results)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -562,7 +569,8 @@ def test_validate_finds_a_hub_model_offline_in_the_local_cache_or_says_it_is_not
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == code, done.stderr[-2000:]
         assert time.monotonic() - started < 30
-    assert f"model.name_or_path='someorg/not-downloaded' is not in the local Hugging Face cache ({cache})" in done.stderr
+    assert (f"model.name_or_path='someorg/not-downloaded' is not in the local Hugging Face cache ({cache})"
+            in done.stderr)
     assert "HF_HUB_OFFLINE is set" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -618,8 +626,9 @@ def test_snakemakes_record_step_reports_dvcs_own_error(tmp_path):
     """Issue 35: "recording it in dvc.lock failed (dvc commit ... --quiet ...):" with an empty cause,
     because --quiet silenced DVC's error too. With DVC's repository lock held (as by `dvc repro`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-    from conftest import BIN, scratch_env
     from dvc_record import RecordError, record
+
+    from conftest import BIN, scratch_env
 
     env = scratch_env()
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=env)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 
-
 def write_fake_results(root: Path) -> Path:
     """A results/<run>/ folder with every file the figures and paper stages read, shaped as the
     upstream stages' contract says (history CSVs, metrics JSON, eval tables). Returns `root`."""
@@ -26,7 +25,8 @@ def write_fake_results(root: Path) -> Path:
             writer.writerow(header)
             writer.writerows(rows)
 
-    write_csv(metrics / "sft_history.csv", ["step", "loss"], [[s, 2.5 * math.exp(-s / 20) + 1.2] for s in range(2, 41, 2)])
+    write_csv(metrics / "sft_history.csv", ["step", "loss"],
+              [[s, 2.5 * math.exp(-s / 20) + 1.2] for s in range(2, 41, 2)])
     write_csv(metrics / "rm_history.csv", ["step", "loss", "accuracy"],
               [[s, 0.69 - s / 200, "" if s % 10 else 0.5 + s / 300] for s in range(2, 61, 2)])
     write_csv(metrics / "ppo_history.csv",
@@ -68,7 +68,8 @@ def write_fake_results(root: Path) -> Path:
     write_csv(root / "best_of_n" / "best_of_n.csv",
               ["n", "kl", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high", "gold_mean", "gold_ci_low",
                "gold_ci_high", "response_length", "eos_fraction", "prompts"],
-              [[n, k, math.sqrt(k), 2.1 + k, 1.9 + k, 2.3 + k, 0.42 + k / 10, 0.38 + k / 10, 0.46 + k / 10, 24.0, 0.9, 64]
+              [[n, k, math.sqrt(k), 2.1 + k, 1.9 + k, 2.3 + k, 0.42 + k / 10, 0.38 + k / 10, 0.46 + k / 10, 24.0, 0.9,
+                64]
                for n, k in zip((1, 2, 4, 8, 16), kl)])
     return root
 
@@ -90,8 +91,8 @@ def test_figures_written_as_png_and_pdf(tmp_path):
 
 
 def test_run_writes_atomically_into_results(tmp_path, monkeypatch):
-    from qlora_rlhf.stages import figures
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import figures
 
     paths = RunPaths(tmp_path / "run")
     write_fake_results(paths.root)

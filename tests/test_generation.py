@@ -48,7 +48,8 @@ def _role_gaps(ac: SharedBaseRoles, dtype: torch.dtype) -> dict[str, float]:
     """Largest |log-prob difference| between the dense copy and peft's model, per role, on real tokens."""
     ids, mask, response, resp_mask, start = _sequences(ac)
     gaps = {}
-    for role, context in (("policy", ac.adapter(POLICY)), ("reference", ac.reference()), ("reward", ac.adapter("reward"))):
+    for role, context in (("policy", ac.adapter(POLICY)), ("reference", ac.reference()),
+                          ("reward", ac.adapter("reward"))):
         with context:
             own = _logprobs(ac.model, ids, mask, response, start)
             dense = _logprobs(dense_copy(ac.model, dtype), ids, mask, response, start)

@@ -52,9 +52,9 @@ def test_ppo_on_cuda_starts_at_the_reference_and_updates_finitely(gpu_config, ti
     (ppo_epochs x mini-batches) gives finite losses."""
     from peft import get_peft_model
 
-    from qlora_rlhf.stages import ppo
     from qlora_rlhf.actor import SharedBaseRoles
     from qlora_rlhf.models import load_model, load_tokenizer, lora_config
+    from qlora_rlhf.stages import ppo
 
     tokenizer = load_tokenizer(tiny_model_dir)
     scorer = load_model(tiny_model_dir, gpu_config, tokenizer.pad_token_id, kind="score")

@@ -36,7 +36,8 @@ def test_lora_r16_all_linear_is_40m_params(paper):
 def test_lora_params_scale_with_rank_and_targets(paper):
     n = memory.lora_params(paper, LLAMA2_7B)
     lora = paper.model.lora
-    doubled = paper.model_copy(update={"model": paper.model.model_copy(update={"lora": lora.model_copy(update={"r": 32})})})
+    doubled = paper.model_copy(update={"model": paper.model.model_copy(
+        update={"lora": lora.model_copy(update={"r": 32})})})
     assert memory.lora_params(doubled, LLAMA2_7B) == 2 * n
     qv = paper.model_copy(update={"model": paper.model.model_copy(
         update={"lora": lora.model_copy(update={"target_modules": ["q_proj", "v_proj"]})})})
@@ -83,7 +84,8 @@ def test_huge_batch_does_not_fit(paper):
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_activations_scale_linearly_with_batch_times_sequence(paper, checkpointing):
-    config = paper.model_copy(update={"model": paper.model.model_copy(update={"gradient_checkpointing": checkpointing})})
+    config = paper.model_copy(update={"model": paper.model.model_copy(
+        update={"gradient_checkpointing": checkpointing})})
     base = memory.activations(config, LLAMA2_7B, 2, 256)
     assert memory.activations(config, LLAMA2_7B, 4, 256) == pytest.approx(2 * base)
     assert memory.activations(config, LLAMA2_7B, 2, 512) == pytest.approx(2 * base)
@@ -123,7 +125,8 @@ def test_embedded_default_needs_no_files(tmp_path):
 
 def test_unknown_model_raises_plan_error(tmp_path, paper, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    unknown = paper.model_copy(update={"model": paper.model.model_copy(update={"name_or_path": "nobody/no-such-model"})})
+    unknown = paper.model_copy(update={"model": paper.model.model_copy(
+        update={"name_or_path": "nobody/no-such-model"})})
     with pytest.raises(memory.PlanError, match="architecture unknown"):
         memory.architecture(unknown, RunPaths(tmp_path))
 

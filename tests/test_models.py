@@ -10,10 +10,17 @@ import torch
 
 from qlora_rlhf import precision
 from qlora_rlhf.config import EMBEDDED_MODEL, load_config
-from qlora_rlhf.models import (ModelError, base_location, embedded_gguf, fix_pad_token, load_model, load_tokenizer,
-                               lora_config)
-from qlora_rlhf.stages.base import run as run_base
+from qlora_rlhf.models import (
+    ModelError,
+    base_location,
+    embedded_gguf,
+    fix_pad_token,
+    load_model,
+    load_tokenizer,
+    lora_config,
+)
 from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.stages.base import run as run_base
 
 
 def test_embedded_gguf_is_found():

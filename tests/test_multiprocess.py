@@ -14,11 +14,12 @@ import sys
 import pytest
 import yaml
 
-from conftest import smoke_params
 from qlora_rlhf.atomic import read_jsonl
 from qlora_rlhf.cli import main
 from qlora_rlhf.distributed import BatchSplit, split_batch
 from qlora_rlhf.errors import ConfigError
+
+from conftest import smoke_params
 
 NEEDS = {"sft": ("data", "base"), "rm": ("data", "base", "sft")}
 SUMMARY = {"sft": "sft: held-out perplexity", "rm": "rm: held-out accuracy"}
@@ -41,7 +42,8 @@ def test_a_batch_that_the_processes_cannot_share_fails_before_any_model_is_loade
     monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher would set it; smoke's sft batch is 4 x 1
     assert main(["sft", "--params", str(write_params())]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: sft.batch_size x sft.gradient_accumulation_steps = 4 x 1 = 4") and len(err.splitlines()) == 1
+    assert (err.startswith("error: sft.batch_size x sft.gradient_accumulation_steps = 4 x 1 = 4")
+            and len(err.splitlines()) == 1)
 
 
 def _free_port() -> int:
@@ -73,7 +75,8 @@ def test_two_cpu_processes_train_with_the_single_process_effective_batch(stage, 
     assert metrics["steps"] == 4 and math.isfinite(metrics["train_loss_last"])
     # the Trainer's own count of samples seen: 4 steps of 8 are one pass over the 32 training rows
     rows = len(read_jsonl(run / "data" / f"{stage}.jsonl"))
-    assert json.loads((run / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json").read_text())["epoch"] == 4 * 8 / rows
+    assert (json.loads((run / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json").read_text())["epoch"]
+            == 4 * 8 / rows)
     assert f"{stage}: 2 processes, each 2 samples x 2 accumulation steps: 8 per step" in done.stdout
     # one process wrote: each step logged and timed once, one summary, no temporary folder left behind
     checkpoints = run / "checkpoints" / stage

@@ -8,8 +8,8 @@ import csv
 import json
 import re
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest

@@ -23,7 +23,8 @@ from conftest import run_ok as _run
 from conftest import scratch_project as _project
 
 SINGLE_RUN = {"data", "base", "sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}
-DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"}, "sft": {"sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}}
+DOWNSTREAM_OF = {"ppo": {"ppo", "evaluate", "figures", "paper"},
+                 "sft": {"sft", "rm", "ppo", "evaluate", "best_of_n", "figures", "paper"}}
 
 
 def _reran(root: Path) -> set[str]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_rlhf.stages import ppo
 from qlora_rlhf.config import PPOConfig
+from qlora_rlhf.stages import ppo
 
 
 def _cfg(**overrides) -> PPOConfig:
     base = dict(steps=2, batch_size=8, samples_per_prompt=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-4,
-                kl_coef=0.05, kl_control="fixed", kl_target_low=0.1, kl_target_high=0.3, kl_horizon=32, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-                gamma=1.0, lam=1.0, max_new_tokens=4, temperature=0.7, missing_eos_penalty=1.0, max_kl=20.0, save_steps=1)
+                kl_coef=0.05, kl_control="fixed", kl_target_low=0.1, kl_target_high=0.3, kl_horizon=32, cliprange=0.2,
+                cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=1.0, max_new_tokens=4, temperature=0.7,
+                missing_eos_penalty=1.0, max_kl=20.0, save_steps=1)
     return PPOConfig(**(base | overrides))
 
 

@@ -10,10 +10,11 @@ import torch
 import yaml
 from trl.experimental.ppo import ppo_trainer as trl_ppo
 
-from conftest import REPO
-from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import response_mask, truncate_after_eos
 from qlora_rlhf.config import PPOConfig
+from qlora_rlhf.stages import ppo
+
+from conftest import REPO
 
 EOS, PAD = 2, 0
 
@@ -45,14 +46,16 @@ def test_masked_mean_and_whiten_agree_with_trl():
     values, mask = torch.randn(4, 7), (torch.rand(4, 7) > 0.3).float()
     torch.testing.assert_close(ppo.masked_mean(values, mask), trl_ppo.masked_mean(values, mask))
     # Population variance (TRL's masked_var with unbiased=False) ...
-    expected = (values - trl_ppo.masked_mean(values, mask)) * torch.rsqrt(trl_ppo.masked_var(values, mask, unbiased=False) + 1e-8)
+    expected = ((values - trl_ppo.masked_mean(values, mask))
+                * torch.rsqrt(trl_ppo.masked_var(values, mask, unbiased=False) + 1e-8))
     torch.testing.assert_close(ppo.masked_whiten(values, mask), expected * mask)
     # ... so TRL's masked_whiten (Bessel-corrected) is ours times sqrt((n - 1) / n) at the real positions.
     n = mask.sum()
     torch.testing.assert_close(ppo.masked_whiten(values, mask) * torch.sqrt((n - 1) / n),
                                trl_ppo.masked_whiten(values, mask) * mask, rtol=1e-5, atol=1e-6)
     whitened = ppo.masked_whiten(values, mask)
-    assert ppo.masked_mean(whitened, mask).abs() < 1e-6 and ppo.masked_mean(whitened**2, mask) == pytest.approx(1, rel=1e-5)
+    assert (ppo.masked_mean(whitened, mask).abs() < 1e-6
+            and ppo.masked_mean(whitened**2, mask) == pytest.approx(1, rel=1e-5))
 
 
 # ------------------------------------------------------------------ rollout arithmetic
@@ -61,7 +64,8 @@ def test_per_token_kl_penalty_and_score_on_the_last_real_token():
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -1.5, -9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     rewards, kl = ppo.token_rewards(logprobs, ref, torch.tensor([2.0, -1.0]), mask, kl_coef=0.1)
-    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [-0.5, 0.0, 0.0]]))  # k1: log pi - log pi_ref; 0 on padding
+    # k1: log pi - log pi_ref; 0 on padding
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [-0.5, 0.0, 0.0]]))
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [0.05, -1.0, 0.0]]))
 
 
@@ -161,7 +165,8 @@ def _trl_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, retur
     vf_loss = 0.5 * trl_ppo.masked_mean(torch.max(torch.square(vpred - returns), torch.square(vpredclipped - returns)),
                                         ~padding_mask)
     ratio = torch.exp(new_logprobs - old_logprobs)
-    pg_losses, pg_losses2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
+    pg_losses, pg_losses2 = (-advantages * ratio,
+                             -advantages * torch.clamp(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange))
     pg_loss = trl_ppo.masked_mean(torch.max(pg_losses, pg_losses2), ~padding_mask)
     clipfrac = trl_ppo.masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
     return pg_loss, clipfrac, vf_loss
@@ -192,7 +197,8 @@ def test_clipped_losses_by_hand():
     pg, clipfrac = ppo.policy_loss(torch.log(ratio), torch.zeros(1, 4), adv, mask, 0.2)
     assert pg.item() == pytest.approx((-1.2 + 0.8 - 2.2 - 0.5) / 4) and clipfrac.item() == 0.5
     # value: v moves 1.0 from the rollout's 0.0; clipped to 0.2. Returns 1.0: max(0, 0.64) ; returns 0.0: max(1, 0.04)
-    vf = ppo.value_loss(torch.tensor([[1.0, 1.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2), 0.2)
+    vf = ppo.value_loss(torch.tensor([[1.0, 1.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2),
+                        0.2)
     assert vf.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from conftest import REPO, smoke_params
 
 SHIPPED = "data/hh-rlhf-harmless-base/sample.jsonl.gz"  # relative: the stages run from the repo root
@@ -26,10 +27,10 @@ def real_params(model_dir: Path, results: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_model_dir):
-    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import base, data, evaluate, ppo, rm, sft
 
     config = Config.model_validate(real_params(tiny_model_dir, tmp_path_factory.mktemp("real") / "results"))
     paths = RunPaths.of(config)
@@ -76,7 +77,8 @@ def test_the_evaluation_of_real_prompts_has_no_gold_judge_and_no_nan(real_run):
     assert list(winrate["judge"]) == ["reward_model"] and not winrate.isna().any().any()
     assert not [k for k in metrics if "gold" in k]
     written = json.loads(paths.stage_metrics("eval").read_text())
-    assert all(isinstance(v, (int, float, str)) and not (isinstance(v, float) and math.isnan(v)) for v in written.values())
+    assert all(isinstance(v, (int, float, str)) and not (isinstance(v, float) and math.isnan(v))
+               for v in written.values())
 
 
 def test_figures_and_paper_on_real_results_say_what_is_measured(real_run, tmp_path):

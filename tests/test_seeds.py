@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_rlhf.stages import paper, seeds
 from qlora_rlhf.config import Config
 from qlora_rlhf.errors import PaperError
 from qlora_rlhf.paths import RunPaths
+from qlora_rlhf.stages import paper, seeds
 
 from conftest import smoke_params
 
@@ -64,13 +64,15 @@ def test_per_seed_gains_and_the_interval_over_seeds(tmp_path):
                           for s in (1234, 1, 2, 3)])
     assert table["gold_gain"].to_numpy() == pytest.approx([0.30, 0.25, -0.20, 0.01], abs=0.03)
     assert table["reward_gain"].to_numpy() == pytest.approx(table["gold_gain"].to_numpy(), abs=1e-9)
-    assert (table["gold_gain_ci_low"] < table["gold_gain"]).all() and (table["gold_gain"] < table["gold_gain_ci_high"]).all()
+    assert ((table["gold_gain_ci_low"] < table["gold_gain"]).all()
+            and (table["gold_gain"] < table["gold_gain_ci_high"]).all())
     assert table.loc[0, "winrate_gold"] == 1.0 and table.loc[2, "winrate_gold"] == 0.0
     summary = seeds.across_seeds(table)
     gains = table["gold_gain"].to_numpy()
     half = 3.182 * gains.std(ddof=1) / 2  # t(0.975, 3 df) x standard error of 4 seeds
     assert summary["gold_gain_mean"] == pytest.approx(gains.mean())
-    assert (summary["gold_gain_ci_low"], summary["gold_gain_ci_high"]) == pytest.approx((gains.mean() - half, gains.mean() + half))
+    assert ((summary["gold_gain_ci_low"], summary["gold_gain_ci_high"])
+            == pytest.approx((gains.mean() - half, gains.mean() + half)))
     assert (summary["gold_seeds_above_zero"], summary["gold_seeds_below_zero"]) == (2, 1)
     assert summary["gold_seeds_excluding_zero"] == 3 and summary["kl_to_sft_mean"] == pytest.approx(0.3)
 
@@ -128,8 +130,8 @@ def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path
 def test_a_seed_trains_its_own_ppo_and_reuses_the_runs_base_and_sft_evaluation(pipeline):
     """`ppo --seed N` and `evaluate --seed N` on the tiny pipeline: the seed's own folder, the run's
     data, SFT and RM, and the run's base and SFT generations, not new ones."""
-    from qlora_rlhf.stages import evaluate, ppo
     from qlora_rlhf.cli import with_seed
+    from qlora_rlhf.stages import evaluate, ppo
 
     config, paths, _ = pipeline
     seed = config.seeds.ppo[0]

@@ -53,7 +53,8 @@ def test_profile_resources_are_derived():
     for rule, resources in derived["rules"].items():
         assert {k: profile["set-resources"][rule][k] for k in resources} == resources, rule
     gpu = {rule for rule, res in derived["rules"].items() if res["gres"]}
-    assert gpu == {"sft", "rm", "ppo", "evaluate", "best_of_n", "ppo_seed_1", "ppo_seed_2", "evaluate_seed_1", "evaluate_seed_2"}
+    assert gpu == {"sft", "rm", "ppo", "evaluate", "best_of_n", "ppo_seed_1", "ppo_seed_2", "evaluate_seed_1",
+                   "evaluate_seed_2"}
 
 
 def test_profile_asks_for_sigterm_before_the_limit_and_requeues():

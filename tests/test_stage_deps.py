@@ -147,7 +147,8 @@ def test_the_source_finds_at_least_what_the_import_loads(runtime_modules):
 def test_a_stage_lists_no_module_of_the_package_that_it_does_not_run(dvc_stages, runtime_modules):
     """The other direction: a dep on code the stage never runs would rerun it for nothing."""
     for name, spec in dvc_stages.items():
-        ran = {str(_file(m).relative_to(REPO)) for m in _closure(runtime_modules[_verb(spec["cmd"])] | {f"{PACKAGE}.__main__"})}
+        ran = {str(_file(m).relative_to(REPO))
+               for m in _closure(runtime_modules[_verb(spec["cmd"])] | {f"{PACKAGE}.__main__"})}
         extra = [str(dep) for dep in spec["deps"] if str(dep).startswith(f"src/{PACKAGE}/") and str(dep) not in ran]
         assert not extra, f"{name}: {extra}"
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from qlora_rlhf import precision, synthetic
-from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import SharedBaseRoles, forward, token_logprobs
 from qlora_rlhf.data import read_split
 from qlora_rlhf.models import base_location
 from qlora_rlhf.paths import HELD_OUT_MARGINS, HELD_OUT_PERPLEXITY
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.stages.rm import score_texts
 from qlora_rlhf.training import TrainingError, train_loss_ends
 
@@ -77,8 +77,8 @@ def test_train_loss_ends_skip_a_closing_log_without_loss():
 def test_ppo_history_has_every_metric_and_finite_values(pipeline):
     config, paths, results = pipeline
     history = pd.read_csv(paths.metrics / "ppo_history.csv")
-    expected = {"reward_mean", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "policy_loss", "response_length",
-                "eos_fraction"}
+    expected = {"reward_mean", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "policy_loss",
+                "response_length", "eos_fraction"}
     assert expected <= set(history.columns)
     assert len(history) == config.ppo.steps
     assert history[sorted(expected)].map(math.isfinite).all().all()
@@ -132,7 +132,8 @@ def test_completion_perplexity_matches_one_pair_at_a_time(tiny_model_dir):
     from qlora_rlhf.training import completion_perplexity
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = ["\n\nHuman: Hi?\n\nAssistant:", "\n\nHuman: What is 2 plus 3? Answer briefly.\n\nAssistant:", "\n\nHuman: x\n\nAssistant:"]
+    prompts = ["\n\nHuman: Hi?\n\nAssistant:", "\n\nHuman: What is 2 plus 3? Answer briefly.\n\nAssistant:",
+               "\n\nHuman: x\n\nAssistant:"]
     completions = [" Hello there, how can I help?", " 5.", " Sure."]
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
@@ -187,11 +188,13 @@ def test_ppo_guard_stops_on_non_finite_loss_and_keeps_the_last_good_checkpoint(p
 
 def test_ppo_guard_stops_on_kl_explosion(pipeline, monkeypatch):
     config, paths, _ = pipeline
-    longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": config.ppo.steps + 1, "max_kl": 0.5})})
+    longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": config.ppo.steps + 1,
+                                                                            "max_kl": 0.5})})
     real_rollout = ppo.rollout
     exploded = torch.full((config.ppo.batch_size,), 9.0)
     monkeypatch.setattr(ppo, "rollout", lambda *a: replace(real_rollout(*a), kl=exploded))
-    with pytest.raises(TrainingError, match=rf"step {config.ppo.steps + 1}: KL to the reference 9.00 exceeds ppo.max_kl"):
+    with pytest.raises(TrainingError,
+                       match=rf"step {config.ppo.steps + 1}: KL to the reference 9.00 exceeds ppo.max_kl"):
         ppo.run(longer, paths)
 
 
@@ -209,11 +212,12 @@ def test_sft_history_callback_stops_on_non_finite_loss(pipeline):
 @pytest.mark.slow
 def test_a_second_run_gives_identical_data_hashes_and_metrics(pipeline, tmp_path, tiny_model_dir):
     """Seeds everywhere: on the CPU the whole pipeline is bit-for-bit repeatable (timings aside)."""
-    from conftest import smoke_params
-    from qlora_rlhf.stages import base, data, evaluate, rm, sft
     from qlora_rlhf.config import Config
     from qlora_rlhf.models import load_tokenizer
     from qlora_rlhf.paths import RunPaths
+    from qlora_rlhf.stages import base, data, evaluate, rm, sft
+
+    from conftest import smoke_params
 
     _, first, _ = pipeline
     config = Config.model_validate(smoke_params(tiny_model_dir, tmp_path / "results"))

@@ -14,14 +14,15 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import REPO
-from qlora_rlhf.stages import ppo
 from qlora_rlhf.actor import SharedBaseRoles
 from qlora_rlhf.config import PPOConfig
 from qlora_rlhf.models import load_tokenizer
+from qlora_rlhf.stages import ppo
 from qlora_rlhf.stages.rm import pairwise, score_texts
 from qlora_rlhf.tokens import dialogue_ids, prompt_ids, sequence_ids
 from qlora_rlhf.training import completion_perplexity
+
+from conftest import REPO
 
 ROWS = [  # real hh-rlhf shapes: one turn, several turns, a reply that is a single token
     {"prompt": "\n\nHuman: What is 2 plus 3?\n\nAssistant:", "chosen": " 5.", "rejected": " I won't answer that."},
@@ -102,7 +103,8 @@ def test_reward_training_ids_are_the_layout_and_held_out_scoring_uses_them(tiny_
     scorer, and pairwise's margins equal the classifier's scores of each training sequence alone."""
     model, trained = _rm_dataset(tiny_model_dir, tok, tmp_path)
     for row, chosen, rejected in zip(ROWS, trained["chosen_ids"], trained["rejected_ids"]):
-        assert chosen == dialogue_ids(tok, row["prompt"], row["chosen"])[0] == sequence_ids(tok, row["prompt"] + row["chosen"])
+        assert (chosen == dialogue_ids(tok, row["prompt"], row["chosen"])[0]
+                == sequence_ids(tok, row["prompt"] + row["chosen"]))
         assert rejected == dialogue_ids(tok, row["prompt"], row["rejected"])[0]
 
     seen = {}

@@ -2,8 +2,9 @@
 record whichever front door built it.
 
 After a run, the Snakefile's `onsuccess` and `onerror` handlers call `record`: for exactly the jobs
-Snakemake ran to the end (not those it found up to date, nor those that failed), `dvc commit --force --no-relink <stage>...` hashes
-the stage's deps and outs as they are now, writes them to dvc.lock, stores the outs in DVC's cache
+Snakemake ran to the end (not those it found up to date, nor those that failed),
+`dvc commit --force --no-relink <stage>...` hashes the stage's deps and outs as they are now, writes them to
+dvc.lock, stores the outs in DVC's cache
 (for `dvc push`) and adds a run-cache entry. That is what `dvc repro` itself writes after running
 the same command on the same deps. Stages Snakemake did not run are left as DVC last recorded them:
 Snakemake has no record of params for outputs DVC made, so it may call up to date a stage whose

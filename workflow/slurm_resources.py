@@ -13,7 +13,8 @@
   times the profile's steps, times SAFETY. SFT and RM steps there are micro-batches (times
   gradient_accumulation_steps); PPO's is a whole step. The evaluation's time is its generated tokens
   (base, SFT and PPO for the run's; PPO only for a seed's, which reuses the others) at the measured
-  rollout generation rate; best-of-n's is its max(ns) samples per prompt at the same rate. SAFETY covers a GPU slower than the H100 measured and what the benchmark
+  rollout generation rate; best-of-n's is its max(ns) samples per prompt at the same rate.
+  SAFETY covers a GPU slower than the H100 measured and what the benchmark
   leaves out (data loading, logging, checkpoints, scoring); a job that still runs out of time is
   resubmitted (the profile's `retries`) and training resumes from its last checkpoint.
 - CPU stages (data, base, figures, paper, seeds) ask for no GPU (an empty gres, over the default's)
@@ -72,7 +73,8 @@ def _minutes(seconds: float) -> int:
 def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
     """{"default": resources, "rules": {rule name: resources}, "why": {rule name: text}}."""
     from qlora_rlhf.config import load_config
-    from qlora_rlhf.memory import GIB as PLAN_GIB, architecture, lora_params, plan
+    from qlora_rlhf.memory import GIB as PLAN_GIB
+    from qlora_rlhf.memory import architecture, lora_params, plan
 
     config = load_config(params_path)
     arch = architecture(config)
@@ -125,7 +127,8 @@ def derive(params_path: Path = PAPER, measured_path: Path = MEASURED) -> dict:
 def profile_block(derived: dict) -> str:
     """The default-resources and set-resources sections of the profile, with the reason per rule."""
     why = {"slurm_extra": f"  # {derived['signal_why']}"}
-    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}{why.get(k, '')}" for k, v in derived["default"].items()]
+    lines = ["default-resources:"] + [f"  {k}: {_yaml_scalar(v)}{why.get(k, '')}"
+                                      for k, v in derived["default"].items()]
     lines.append("set-resources:")
     for rule, res in derived["rules"].items():
         body = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in res.items())

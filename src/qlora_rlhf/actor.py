@@ -84,8 +84,8 @@ class SharedBaseRoles:
     @classmethod
     def load(cls, config: Config, sft_model: Path, rm_adapter: Path, policy_adapter: Path | None = None,
              trainable: bool = True) -> SharedBaseRoles:
-        from peft import PeftModel, get_peft_model
         from peft import LoraConfig as PeftLora
+        from peft import PeftModel, get_peft_model
 
         from .models import load_tokenizer
 

@@ -59,7 +59,8 @@ def write_failure(exc: BaseException, folder: Path | None = None) -> str | None:
     return None
 
 
-def save_error(exc: BaseException, target: Path, kept: str = "the previous output is left as it was") -> SaveError | None:
+def save_error(exc: BaseException, target: Path,
+               kept: str = "the previous output is left as it was") -> SaveError | None:
     """The one-line SaveError for a failed write to `target`, or None if `exc` is not one."""
     cause = write_failure(exc, Path(target).parent)
     return None if cause is None else SaveError(f"could not write {target}: {cause}; {kept}")

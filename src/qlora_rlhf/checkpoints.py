@@ -71,7 +71,8 @@ def problem(folder: Path) -> str | None:
     return None
 
 
-def newest_loadable(candidates: Iterable[Path], stage: str, check: Callable[[Path], str | None] = problem) -> Path | None:
+def newest_loadable(candidates: Iterable[Path], stage: str,
+                    check: Callable[[Path], str | None] = problem) -> Path | None:
     """The newest of `candidates` (oldest first, each complete by its stage's own marker) whose files
     are whole; each damaged newer one is reported on stderr with its path and cause."""
     ordered = list(candidates)

@@ -247,7 +247,8 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a params file; raises ConfigError with a readable message."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a params file (pass the YAML file, e.g. --params {path / 'params.yaml'})")
+        raise ConfigError(f"{path}: is a folder, not a params file "
+                          f"(pass the YAML file, e.g. --params {path / 'params.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:

@@ -20,8 +20,6 @@ from .hh import Pair, parse_row
 from .paths import RunPaths
 
 
-
-
 # ------------------------------------------------------------------ sources
 def _read_jsonl(path: Path, dropped: Counter) -> Iterator[object]:
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -68,7 +66,8 @@ def load_source(config: Config, dropped: dict[str, Counter]) -> dict[str, list[o
     paths = [Path(p) for p in source.split(",")]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise DataError(f"data.source: not found: {', '.join(missing)} (use synthetic, hub:<id>, a folder or .jsonl files)")
+        raise DataError(f"data.source: not found: {', '.join(missing)} "
+                        "(use synthetic, hub:<id>, a folder or .jsonl files)")
     splits: dict[str, list[Path]] = {"train": [], "test": []}
     for path in paths:
         for split, files in (_split_files(path) if path.is_dir() else {"train": [path]}).items():
@@ -100,7 +99,8 @@ def clean(rows: Iterable[object], dropped: Counter, too_long: Callable[[Pair], b
 
 def token_length_filter(tokenizer, max_prompt_tokens: int, max_length: int) -> Callable[[Pair], bool]:
     def too_long(pair: Pair) -> bool:
-        lengths = [len(tokenizer(t).input_ids) for t in (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)]
+        lengths = [len(tokenizer(t).input_ids)
+                   for t in (pair.prompt, pair.prompt + pair.chosen, pair.prompt + pair.rejected)]
         return lengths[0] > max_prompt_tokens or max(lengths[1:]) + 1 > max_length  # +1 for EOS
     return too_long
 
@@ -128,7 +128,8 @@ def make_subsets(config: Config, train: list[Pair], test: list[Pair] | None) -> 
     else:
         held_out = order[start:]
     if len(held_out) < config.data.eval_size:
-        raise DataError(f"only {len(held_out)} held-out evaluation prompts but data.eval_size = {config.data.eval_size}")
+        raise DataError(f"only {len(held_out)} held-out evaluation prompts "
+                        f"but data.eval_size = {config.data.eval_size}")
     subsets["eval"] = held_out[: config.data.eval_size]
     return subsets
 

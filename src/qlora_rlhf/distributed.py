@@ -52,9 +52,9 @@ def split_batch(section: str, batch_size: int, accumulation: int, processes: int
     effective = batch_size * accumulation
     if effective % processes:
         raise ConfigError(
-            f"{section}.batch_size x {section}.gradient_accumulation_steps = {batch_size} x {accumulation} = {effective} "
-            f"samples per optimizer step cannot be shared out over {processes} processes; make it a multiple of "
-            f"{processes} or launch a number of processes that divides it")
+            f"{section}.batch_size x {section}.gradient_accumulation_steps = {batch_size} x {accumulation} = "
+            f"{effective} samples per optimizer step cannot be shared out over {processes} processes; "
+            f"make it a multiple of {processes} or launch a number of processes that divides it")
     share = effective // processes
     micro = math.gcd(batch_size, share)
     return BatchSplit(micro, share // micro, processes)

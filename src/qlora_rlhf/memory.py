@@ -84,7 +84,8 @@ class Architecture:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear module in one decoder layer."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, q = self.hidden_size, self.num_heads * self.head_dim
+        kv, i = self.num_kv_heads * self.head_dim, self.intermediate_size
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
@@ -250,7 +251,8 @@ def working_set(config: Config, arch: Architecture, tokens: int, element_bytes: 
 
 
 def kv_cache(config: Config, arch: Architecture, batch: int, tokens: int, element_bytes: int | None = None) -> float:
-    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * batch * (element_bytes or _act_bytes(config))
+    return (2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * tokens * batch
+            * (element_bytes or _act_bytes(config)))
 
 
 def generation_phase(config: Config, arch: Architecture) -> dict[str, float]:
@@ -260,7 +262,8 @@ def generation_phase(config: Config, arch: Architecture) -> dict[str, float]:
     cfg, cbytes = config.ppo, DTYPE_BYTES[config.model.compute_dtype]
     dense = precision.generation_engine(config.model.generation, config.model.compute_dtype) == "dense"
     element = cbytes if dense else _act_bytes(config)
-    phase = {"kv_cache": kv_cache(config, arch, cfg.batch_size, config.data.max_prompt_tokens + cfg.max_new_tokens, element),
+    phase = {"kv_cache": kv_cache(config, arch, cfg.batch_size, config.data.max_prompt_tokens + cfg.max_new_tokens,
+                                  element),
              "prefill_working_set": working_set(config, arch, cfg.batch_size * config.data.max_prompt_tokens, element)}
     return phase | ({"dense_sampler_copy": arch.total_params * cbytes} if dense else {})
 
@@ -350,7 +353,8 @@ def summary(config: Config, arch: Architecture, budget_gib: float = 24.0, device
 
 def format_table(result: dict) -> str:
     names = list(dict.fromkeys(k for s in result["stages"].values() for k in s["components_bytes"]))
-    lines = [f"memory plan for {result['run']} ({result['model']}) on {result['device']}, budget {result['budget_gib']:g} GiB",
+    lines = [f"memory plan for {result['run']} ({result['model']}) on {result['device']}, "
+             f"budget {result['budget_gib']:g} GiB",
              f"  {result['architecture']['total_params'] / 1e6:,.1f}M base params, "
              f"{result['lora_params'] / 1e6:,.2f}M LoRA params (r={result['lora_r']})",
              f"{'component (GiB)':<28}" + "".join(f"{s:>10}" for s in result["stages"])]

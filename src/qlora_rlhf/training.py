@@ -113,7 +113,8 @@ def trainer_checkpoint_to_resume(folder: Path, max_steps: int, stage: str = "tra
     finished run's final checkpoint is not resumed, because Trainer checks `max_steps` only after a
     step and would train one step more (a re-run of a finished stage must give the same model).
     A complete one whose files are damaged is reported and the one before it taken (checkpoints.py)."""
-    done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")}
+    done = {checkpoint_step(p): p for p in Path(folder).glob("checkpoint-*")
+            if _readable_json(p / "trainer_state.json")}
     resumable = [done[step] for step in sorted(done) if step < max_steps]
     chosen = newest_loadable(resumable, stage)
     return str(chosen) if chosen else None
@@ -147,14 +148,18 @@ def train_resumably(trainer, config: Config, paths: RunPaths, stage: str) -> flo
     if trainer.args.world_size > 1 and trainer.args.should_save:
         args = trainer.args
         print(f"{stage}: {args.world_size} processes, each {args.per_device_train_batch_size} samples x "
-              f"{args.gradient_accumulation_steps} accumulation steps: {batch_metrics(trainer)['effective_batch']} per step")
+              f"{args.gradient_accumulation_steps} accumulation steps: "
+              f"{batch_metrics(trainer)['effective_batch']} per step")
     with SigtermFlag() as sigterm, timer:
         preemption = PreemptionCallback(sigterm)
         trainer.add_callback(preemption)
         try:
             trainer.train(resume_from_checkpoint=resume)
         except Exception as exc:
-            raise checkpoint_write_error(exc, folder, trainer.state.global_step) or exc
+            error = checkpoint_write_error(exc, folder, trainer.state.global_step)
+            if error is not None:
+                raise error from exc
+            raise
     if preemption.stopped_at is not None or sigterm.received:
         # the checkpoint a re-run resumes from: the one just saved, or before it if training had reached max_steps
         raise stopped(stage, trainer.state.global_step, trainer_checkpoint_to_resume(folder, max_steps, stage))
@@ -168,7 +173,8 @@ def checkpoint_write_error(exc: Exception, folder: Path, step: int) -> SaveError
     kept and a re-run resumes from the newest."""
     cause = write_failure(exc, Path(folder))
     # an OSError names its file, or is a log line's write (no name: the folder); a library's error is the save's
-    path = getattr(exc, "filename", None) or (folder if isinstance(exc, OSError) else Path(folder) / f"checkpoint-{step}")
+    path = getattr(exc, "filename", None) or (folder if isinstance(exc, OSError)
+                                              else Path(folder) / f"checkpoint-{step}")
     if cause is None:
         return None
     partial = Path(folder) / f"checkpoint-{step}"
@@ -197,7 +203,8 @@ def trainer_args(config: Config, paths: RunPaths, stage: str) -> dict:
     return dict(
         output_dir=str(paths.checkpoints(stage)), max_steps=train.max_steps,
         per_device_train_batch_size=batch.per_process_batch, gradient_accumulation_steps=batch.accumulation,
-        learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps), lr_scheduler_type="cosine",
+        learning_rate=train.learning_rate, warmup_steps=round(train.warmup_ratio * train.max_steps),
+        lr_scheduler_type="cosine",
         logging_steps=train.logging_steps, save_steps=train.save_steps, save_total_limit=2, save_strategy="steps",
         optim=config.model.optimizer, activation_checkpointing=config.model.gradient_checkpointing,
         bf16=precision.of(config).dtype == "bfloat16", fp16=precision.of(config).dtype == "float16",
@@ -231,9 +238,12 @@ def completion_perplexity(model, tokenizer, prompts: list[str], completions: lis
         batch = pairs[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in batch)
         first = min(len(p) for p, _ in batch) - 1  # the first position that predicts a completion token
-        ids = torch.tensor([p + c + [tokenizer.pad_token_id] * (width - len(p) - len(c)) for p, c in batch], device=device)
-        labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in batch], device=device)
-        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(p) + len(c) for p, c in batch], device=device)[:, None])
+        ids = torch.tensor([p + c + [tokenizer.pad_token_id] * (width - len(p) - len(c)) for p, c in batch],
+                           device=device)
+        labels = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c)) for p, c in batch],
+                              device=device)
+        mask = (torch.arange(width, device=device)[None]
+                < torch.tensor([len(p) + len(c) for p, c in batch], device=device)[:, None])
         keep = torch.arange(first, width - 1, device=device)
         logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False, logits_to_keep=keep).logits.float()
         target = labels[:, first + 1 :]
@@ -244,7 +254,8 @@ def completion_perplexity(model, tokenizer, prompts: list[str], completions: lis
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config, tokenizer, kind: str = "causal") -> None:
+def merge_adapter(base_path: str, adapter_path: Path, out: Path, config: Config, tokenizer,
+                  kind: str = "causal") -> None:
     """Merge a LoRA adapter into full-precision base weights (the standard QLoRA hand-off), so the
     next stage can load it in 4-bit as its new base."""
     from peft import PeftModel
@@ -308,11 +319,13 @@ def fingerprint_params(config: Config, stage: str) -> dict:
                 source, target = source[part], target.setdefault(part, {})
             target[leaf] = source[leaf]
         params = picked
-    for section in params.values():  # lengthening a run or changing its guard or logging does not alter the earlier steps
+    # lengthening a run or changing its guard or logging does not alter the earlier steps
+    for section in params.values():
         if isinstance(section, dict):
             for key in UNFINGERPRINTED:
                 section.pop(key, None)
-    params.setdefault("model", {})["compute_dtype"] = precision.of(config).dtype  # `auto` resumed on another kind of machine starts over
+    # `auto` resumed on another kind of machine starts over
+    params.setdefault("model", {})["compute_dtype"] = precision.of(config).dtype
     return params
 
 
@@ -345,7 +358,8 @@ class Timer:
         self.file = Path(checkpoints) / "seconds.jsonl"
         self.before, self.record = 0.0, record  # record: False in all but one process of a distributed run
         if resumed_step:
-            totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}  # the latest run's, for a re-run step
+            # the latest run's, for a re-run step
+            totals = {row["step"]: row["seconds"] for row in read_jsonl(self.file)}
             self.before = totals.get(resumed_step, 0.0)
         elif record:  # a fresh start: totals left by an earlier run are stale
             self.file.unlink(missing_ok=True)

@@ -81,7 +81,8 @@ def draw(ac: SharedBaseRoles, prompts: list[str], per_prompt: int, config: Confi
     return pd.DataFrame(rows)
 
 
-def frontier(samples: pd.DataFrame, ns: list[int], bootstrap_samples: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def frontier(samples: pd.DataFrame, ns: list[int], bootstrap_samples: int,
+             seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The table (one row per n) and the samples with a `best_of_<n>` column marking each n's picks."""
     samples = samples.sort_values(["prompt_index", "sample"]).reset_index(drop=True)
 

@@ -235,7 +235,8 @@ def _rollout_inputs(paths: RunPaths) -> list[Path]:
 def _rollout_config(config: Config) -> Config:
     """The params the rollouts depend on: the bootstrap and the number of sample rows shown only
     change the tables, so changing them keeps the saved generations."""
-    return config.model_copy(update={"eval": config.eval.model_copy(update={"bootstrap_samples": 0, "num_sample_rows": 0})})
+    return config.model_copy(update={"eval": config.eval.model_copy(update={"bootstrap_samples": 0,
+                                                                            "num_sample_rows": 0})})
 
 
 def load_saved(folder: Path, name: str) -> list[dict] | None:

@@ -223,12 +223,15 @@ def _best_of_n(plt, table: pd.DataFrame, points: list[dict], config: Config | No
     for ax, (judge, ylabel) in zip(axes[0], judges):
         if config is not None:
             ax.axvspan(np.sqrt(config.ppo.kl_target_low), np.sqrt(config.ppo.kl_target_high), color=COLORS["kl"],
-                       alpha=0.12, label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
+                       alpha=0.12,
+                       label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
         x, mean = table["sqrt_kl"], table[f"{judge}_mean"]
-        ax.fill_between(x, table[f"{judge}_ci_low"], table[f"{judge}_ci_high"], color=COLORS["sft"], alpha=0.2, linewidth=0)
+        ax.fill_between(x, table[f"{judge}_ci_low"], table[f"{judge}_ci_high"], color=COLORS["sft"], alpha=0.2,
+                        linewidth=0)
         ax.plot(x, mean, color=COLORS["sft"], marker="o", markersize=3, label="best-of-n from SFT")
         for n, xi, yi in zip(table["n"], x, mean):
-            ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(3, -9), fontsize=6, color=COLORS["sft"])
+            ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                        color=COLORS["sft"])
         for k, point in enumerate(points):
             if f"{judge}_mean" not in point or point[f"{judge}_mean"] != point[f"{judge}_mean"]:
                 continue
@@ -252,7 +255,8 @@ def save_best_of_n(best_of_n: Path, points: list[dict], out: Path, config: Confi
     import seaborn as sns
 
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.0)
-    frontier = _read_csv(best_of_n / "best_of_n.csv", ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
+    frontier = _read_csv(best_of_n / "best_of_n.csv",
+                         ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
     fig = _best_of_n(plt, frontier, points, config)
     try:
         _save(fig, out, BEST_OF_N)
@@ -290,8 +294,10 @@ def make_figures(metrics: Path, eval_dir: Path, out: Path, config: Config | None
     }
     names = list(FIGURES)
     if best_of_n is not None:
-        frontier = _read_csv(best_of_n / "best_of_n.csv", ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
-        builders[BEST_OF_N] = lambda: _best_of_n(plt, frontier, [best_of_n_points(eval_dir / "summary.csv", "PPO")], config)
+        frontier = _read_csv(best_of_n / "best_of_n.csv",
+                             ["n", "sqrt_kl", "reward_mean", "reward_ci_low", "reward_ci_high"])
+        builders[BEST_OF_N] = lambda: _best_of_n(plt, frontier, [best_of_n_points(eval_dir / "summary.csv", "PPO")],
+                                                 config)
         names.append(BEST_OF_N)
     written = []
     for name in names:

@@ -169,7 +169,8 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
     for policy, row in _read_rows(eval_dir / "summary.csv", "policy", required).items():
         for column in SUMMARY_COLUMNS:
             if column in row:
-                add(f"ResSummary{camel(policy)}{camel(column)}", fmt(row[column]), f"eval/summary.csv:{policy}.{column}")
+                add(f"ResSummary{camel(policy)}{camel(column)}", fmt(row[column]),
+                    f"eval/summary.csv:{policy}.{column}")
     for judge, row in _read_rows(eval_dir / "winrate.csv", "judge", WINRATE_COLUMNS).items():
         for column in WINRATE_COLUMNS:
             add(f"ResWinrate{camel(judge)}{camel(column)}", fmt(row.get(column)), f"eval/winrate.csv:{judge}.{column}")
@@ -183,7 +184,8 @@ def build_macros(metrics: Path, eval_dir: Path, params: dict) -> dict[str, Macro
     if "compute_dtype" in sft:
         add("ResSftComputeDtype", escape(sft["compute_dtype"]), "metrics/sft.json:compute_dtype")
     else:
-        add("ResSftComputeDtype", escape(params.get("model", {}).get("compute_dtype", "--")), "params:model.compute_dtype")
+        add("ResSftComputeDtype", escape(params.get("model", {}).get("compute_dtype", "--")),
+            "params:model.compute_dtype")
     if isinstance(rm.get("accuracy"), (int, float)) and isinstance(rm.get("eval_pairs"), int) and rm["eval_pairs"] > 0:
         low, high = wilson_interval(rm["accuracy"], rm["eval_pairs"])
         add("ResRmAccuracyCiLow", fmt(low), "metrics/rm.json:accuracy,eval_pairs (Wilson 95% interval)")
@@ -210,7 +212,8 @@ def render_macros(macros: dict[str, Macro]) -> str:
 
 
 def used_macros(folder: Path) -> set[str]:
-    return {name for tex in sorted(folder.glob("*.tex")) for name in MACRO_USE.findall(_strip_comments(tex.read_text()))}
+    return {name for tex in sorted(folder.glob("*.tex"))
+            for name in MACRO_USE.findall(_strip_comments(tex.read_text()))}
 
 
 def _strip_comments(text: str) -> str:
@@ -233,14 +236,17 @@ def setup_table(macros: dict[str, Macro]) -> str:
         ("LoRA target modules", r"\CfgModelLoraTargetModules"),
         ("Optimizer", r"\CfgModelOptimizer"),
         ("Data source", r"\CfgDataSource"),
-        ("SFT / RM / PPO / eval examples", r"\CfgDataSftSize{} / \CfgDataRmSize{} / \CfgDataPpoSize{} / \CfgDataEvalSize"),
+        ("SFT / RM / PPO / eval examples",
+         r"\CfgDataSftSize{} / \CfgDataRmSize{} / \CfgDataPpoSize{} / \CfgDataEvalSize"),
         ("Max sequence length (tokens)", r"\CfgDataMaxLength"),
         ("SFT steps / batch / learning rate", r"\CfgSftMaxSteps{} / \CfgSftBatchSize{} / \CfgSftLearningRate"),
         ("RM steps / batch / learning rate", r"\CfgRmMaxSteps{} / \CfgRmBatchSize{} / \CfgRmLearningRate"),
-        ("PPO steps / batch / mini-batch / epochs", r"\CfgPpoSteps{} / \CfgPpoBatchSize{} / \CfgPpoMiniBatchSize{} / \CfgPpoPpoEpochs"),
+        ("PPO steps / batch / mini-batch / epochs",
+         r"\CfgPpoSteps{} / \CfgPpoBatchSize{} / \CfgPpoMiniBatchSize{} / \CfgPpoPpoEpochs"),
         ("PPO samples per prompt", r"\CfgPpoSamplesPerPrompt"),
         ("PPO learning rate / KL coefficient", r"\CfgPpoLearningRate{} / \CfgPpoKlCoef"),
-        ("PPO KL control / target (nats) / horizon", r"\CfgPpoKlControl{} / \CfgPpoKlTargetLow--\CfgPpoKlTargetHigh{} / \CfgPpoKlHorizon"),
+        ("PPO KL control / target (nats) / horizon",
+         r"\CfgPpoKlControl{} / \CfgPpoKlTargetLow--\CfgPpoKlTargetHigh{} / \CfgPpoKlHorizon"),
         ("PPO clip range (policy / value)", r"\CfgPpoCliprange{} / \CfgPpoCliprangeValue"),
         ("PPO max new tokens / temperature", r"\CfgPpoMaxNewTokens{} / \CfgPpoTemperature"),
         ("Seed", r"\CfgRunSeed"),
@@ -253,8 +259,10 @@ def setup_table(macros: dict[str, Macro]) -> str:
 
 def training_table() -> str:
     rows = [
-        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & \ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps",
-        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & \ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps",
+        r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & "
+        r"\ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps",
+        r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & "
+        r"\ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps",
         r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps",
     ]
     # No wall-clock column: the paper is a DVC output, and a time would change its bytes on every rerun
@@ -334,7 +342,8 @@ def best_of_n_macros(best_of_n: Path, ppo_kl: float | None, ppo_gold: float | No
               Macro("ResBestOfNMaxNKl", fmt(float(largest["kl"])), f"{source}:{largest['n']}.kl")]
     for column in BEST_OF_N_COLUMNS:
         if column in largest:
-            macros.append(Macro(f"ResBestOfNMaxN{camel(column)}", fmt(largest[column]), f"{source}:{largest['n']}.{column}"))
+            macros.append(Macro(f"ResBestOfNMaxN{camel(column)}", fmt(largest[column]),
+                                f"{source}:{largest['n']}.{column}"))
     if ppo_kl is None:
         return macros
     x = math.sqrt(max(ppo_kl, 0.0))
@@ -384,9 +393,9 @@ def best_of_n_text(macros: dict[str, Macro]) -> str:
         text.append(r"PPO's KL of \ResEvalPpoKlToSft{} nats lies outside best-of-$n$'s range of $n$: the comparison "
                     r"at equal KL needs other $n$.")
     text += ["", r"\begin{figure}[ht]", r"  \centering", r"  \includegraphics[width=\linewidth]{figures/best_of_n.pdf}",
-             r"  \caption{PPO against best-of-$n$ from SFT: mean scores on held-out prompts against $\sqrt{\mathrm{KL}}$ "
-             r"to SFT, best-of-$n$ at its analytic KL with 95\% bootstrap intervals (band), PPO at its sampled KL with "
-             r"its interval.}", r"  \label{fig:bestofn}", r"\end{figure}", ""]
+             r"  \caption{PPO against best-of-$n$ from SFT: mean scores on held-out prompts against "
+             r"$\sqrt{\mathrm{KL}}$ to SFT, best-of-$n$ at its analytic KL with 95\% bootstrap intervals (band), "
+             r"PPO at its sampled KL with its interval.}", r"  \label{fig:bestofn}", r"\end{figure}", ""]
     return "\n".join(text)
 
 
@@ -474,14 +483,15 @@ def results_summary(metrics: Path, run_name: str) -> str:
              "Written by `qlora-rlhf paper` from this run's `metrics/*.json`; `paper.pdf` has the tables, intervals "
              "and figures.", "",
              f"- Compute dtype: {sft.get('compute_dtype', '--')}",
-             f"- SFT held-out perplexity: {num(sft['perplexity_base'], 2)} (base) -> {num(sft['perplexity_sft'], 2)} (SFT)",
+             f"- SFT held-out perplexity: {num(sft['perplexity_base'], 2)} (base) -> "
+             f"{num(sft['perplexity_sft'], 2)} (SFT)",
              f"- Reward model held-out pairwise accuracy: {num(rm['accuracy'])} on {rm.get('eval_pairs', '--')} pairs",
              f"- Mean reward-model score on {ev.get('eval_prompts', '--')} held-out prompts: SFT "
              f"{num(ev.get('sft_reward_mean'))}, PPO {num(ev.get('ppo_reward_mean'))}; PPO's win rate over SFT "
              f"{num(ev.get('winrate_rm'))}"]
     if ev.get("ppo_gold_mean") is not None:
-        lines.append(f"- Mean gold-judge score: SFT {num(ev.get('sft_gold_mean'))}, PPO {num(ev.get('ppo_gold_mean'))}; "
-                     f"PPO's win rate over SFT {num(ev.get('winrate_gold'))}")
+        lines.append(f"- Mean gold-judge score: SFT {num(ev.get('sft_gold_mean'))}, "
+                     f"PPO {num(ev.get('ppo_gold_mean'))}; PPO's win rate over SFT {num(ev.get('winrate_gold'))}")
     else:
         lines.append("- No gold judge for these prompts: the reward model's score is not a measure of quality")
     lines += [f"- KL(PPO || SFT) on held-out samples: {num(ev.get('ppo_kl_to_sft'))} nats",

@@ -41,8 +41,17 @@ from ..config import Config, PPOConfig
 from ..data import read_split
 from ..paths import RunPaths
 from ..preemption import SigtermFlag, stopped
-from ..training import (History, Timer, TrainingError, check_finite, checkpoints_for, require, save_adapter, seed_everything,
-                       write_metrics)
+from ..training import (
+    History,
+    Timer,
+    TrainingError,
+    check_finite,
+    checkpoints_for,
+    require,
+    save_adapter,
+    seed_everything,
+    write_metrics,
+)
 
 KEEP_CHECKPOINTS = 2
 
@@ -400,9 +409,10 @@ class Bookkeeping:
     def steps(self):
         """The steps after `start` up to ppo.steps; none after the one during which SIGTERM arrived."""
         cfg = self.cfg
-        for self.step in tqdm(range(self.start + 1, cfg.steps + 1), initial=self.start, total=cfg.steps, desc="ppo",
-                              unit="step"):
-            yield self.step
+        for step in tqdm(range(self.start + 1, cfg.steps + 1), initial=self.start, total=cfg.steps, desc="ppo",
+                         unit="step"):
+            self.step = step
+            yield step
             if self.sigterm.received:
                 return
 

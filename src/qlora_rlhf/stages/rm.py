@@ -18,9 +18,19 @@ from ..data import read_split
 from ..models import load_model, load_tokenizer, lora_config
 from ..paths import HELD_OUT_MARGINS, RunPaths
 from ..tokens import left_pad, positions, sequence_ids
-from ..training import (History, HistoryCallback, batch_metrics, checkpoints_for, require, save_adapter, seed_everything,
-                       train_loss_ends, train_resumably, trainer_args, write_metrics)
-
+from ..training import (
+    History,
+    HistoryCallback,
+    batch_metrics,
+    checkpoints_for,
+    require,
+    save_adapter,
+    seed_everything,
+    train_loss_ends,
+    train_resumably,
+    trainer_args,
+    write_metrics,
+)
 
 
 @torch.no_grad()
@@ -66,7 +76,8 @@ def run(config: Config, paths: RunPaths) -> dict:
     model = load_model(sft_model, config, tokenizer.pad_token_id, kind="score")
     with args.main_process_first(local=False, desc="checkpoint folder"):  # emptied by one process, before any reads it
         if main:
-            checkpoints_for(paths, "rm", config, [paths.split("rm"), paths.sft / "adapter" / "adapter_model.safetensors"])
+            checkpoints_for(paths, "rm", config,
+                            [paths.split("rm"), paths.sft / "adapter" / "adapter_model.safetensors"])
     history = History(paths, "rm") if main else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                             peft_config=lora_config(config, task_type="SEQ_CLS"),

@@ -87,7 +87,8 @@ def across_seeds(table: pd.DataFrame) -> dict:
             continue
         gains = table[f"{judge}_gain"].to_numpy()
         low, high = interval_over_seeds(gains)
-        summary |= {f"{judge}_gain_mean": float(gains.mean()), f"{judge}_gain_ci_low": low, f"{judge}_gain_ci_high": high,
+        summary |= {f"{judge}_gain_mean": float(gains.mean()), f"{judge}_gain_ci_low": low,
+                    f"{judge}_gain_ci_high": high,
                     f"{judge}_seeds_above_zero": int((table[f"{judge}_gain_ci_low"] > 0).sum()),
                     f"{judge}_seeds_below_zero": int((table[f"{judge}_gain_ci_high"] < 0).sum()),
                     f"{judge}_seeds_excluding_zero": int(((table[f"{judge}_gain_ci_low"] > 0)
@@ -110,6 +111,7 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+
     from .figures import save_figure
 
     judges = [j for j in JUDGES if f"{j}_gain" in table]

@@ -14,15 +14,29 @@ from ..config import Config
 from ..data import read_split
 from ..models import base_location, load_model, load_tokenizer, lora_config
 from ..paths import HELD_OUT_PERPLEXITY, RunPaths
-from ..training import (History, HistoryCallback, batch_metrics, checkpoints_for, completion_perplexity, merge_adapter,
-                       require, save_adapter, seed_everything, train_loss_ends, train_resumably, trainer_args, write_metrics)
+from ..training import (
+    History,
+    HistoryCallback,
+    batch_metrics,
+    checkpoints_for,
+    completion_perplexity,
+    merge_adapter,
+    require,
+    save_adapter,
+    seed_everything,
+    train_loss_ends,
+    train_resumably,
+    trainer_args,
+    write_metrics,
+)
 
 
 def run(config: Config, paths: RunPaths) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     seed_everything(config)
-    args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)  # checks the batch split
+    # checks the batch split
+    args = SFTConfig(**trainer_args(config, paths, "sft"), completion_only_loss=True, packing=False)
     main = distributed.is_main()  # under `accelerate launch`: the one process that measures and writes
     base = base_location(paths)
     tokenizer = load_tokenizer(base)
