@@ -374,15 +374,20 @@ def test_damaged_saved_generations_are_reported_and_generated_again(tmp_path, ca
     assert cached(tmp_path, "sft", lambda: pytest.fail("whole again: reused")) == rows
 
 
+def mount_tmpfs(mount: Path, size: str) -> None:
+    """A tmpfs of `size` at `mount` (as root; the test is skipped where mounting is not allowed)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 1 MB tmpfs (as root; skipped where mounting is not allowed)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    mount_tmpfs(mount, "1m")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -445,10 +450,7 @@ def test_a_read_only_results_folder_is_one_line_and_keeps_the_outputs(tmp_path, 
     """A results folder on a file system remounted read-only after the data stage (tmpfs, as root)."""
     results = tmp_path / "results"
     results.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(results)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    mount_tmpfs(results, "64m")
     try:
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump(smoke_params(tiny_model_dir, results)))
