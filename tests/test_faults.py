@@ -316,20 +316,20 @@ def _whole_files(folder: Path, adapter: str = "adapter_model.safetensors") -> No
 
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "adapter_model.safetensors"])
 def test_a_truncated_newest_trainer_checkpoint_falls_back_to_the_one_before(damaged, tmp_path, capsys):
-    """SFT and RM (training.last_checkpoint): the newest complete checkpoint with a truncated file is
+    """SFT and RM (training.trainer_checkpoint_to_resume): the newest complete checkpoint with a truncated file is
     reported with its path and cause, and the one before it is resumed."""
-    from qlora_rlhf.training import last_checkpoint
+    from qlora_rlhf.training import trainer_checkpoint_to_resume
 
     for step in (2, 4):
         _whole_files(tmp_path / f"checkpoint-{step}")
     target = tmp_path / "checkpoint-4" / damaged
     target.write_bytes(target.read_bytes()[:1024])
-    assert last_checkpoint(tmp_path, max_steps=10, stage="sft") == str(tmp_path / "checkpoint-2")
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=10, stage="sft") == str(tmp_path / "checkpoint-2")
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sft: checkpoint {tmp_path / 'checkpoint-4'} cannot be loaded: {damaged}: truncated")
     assert f"resuming from {tmp_path / 'checkpoint-2'} instead" in err and "\n" not in err
     (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(b"")  # none whole: start over, said so
-    assert last_checkpoint(tmp_path, max_steps=10, stage="sft") is None
+    assert trainer_checkpoint_to_resume(tmp_path, max_steps=10, stage="sft") is None
     assert "no earlier checkpoint: starting over" in capsys.readouterr().err
 
 
@@ -355,7 +355,7 @@ def test_a_truncated_newest_ppo_checkpoint_is_reported_and_the_run_resumes_from_
     assert f"ppo: checkpoint {newest} cannot be loaded: optimizer.pt: truncated" in err
     assert f"ppo: resuming from {run.checkpoints('ppo') / 'step-000001'} (step 1)" in out
     assert [row["step"] for row in read_jsonl(run.checkpoints("ppo") / "seconds.jsonl")] == [1, 2, 2, 3]
-    assert ppo.latest_checkpoint(run.checkpoints("ppo")).name == "step-000003"  # the damaged step was rewritten
+    assert ppo.Checkpoints(configs[3], run).latest().name == "step-000003"  # the damaged step was rewritten
 
 
 def test_damaged_saved_generations_are_reported_and_generated_again(tmp_path, capsys):
