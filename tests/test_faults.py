@@ -361,17 +361,18 @@ def test_a_truncated_newest_ppo_checkpoint_is_reported_and_the_run_resumes_from_
 def test_damaged_saved_generations_are_reported_and_generated_again(tmp_path, capsys):
     """The evaluation's saved generations (checkpoints/evaluate/<policy>.jsonl): a truncated file is
     named with its cause and generated again, not read short (read_jsonl skips a torn line)."""
-    from qlora_rlhf.stages.evaluate import cached
+    from qlora_rlhf.stages.evaluate import load_saved, save
 
     rows = [{"prompt": f"p{i}", "response": "r" * 50} for i in range(20)]
-    assert cached(tmp_path, "sft", lambda: rows) == rows
+    save(tmp_path, "sft", rows)
+    assert load_saved(tmp_path, "sft") == rows
     saved = tmp_path / "sft.jsonl"
     saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
-    calls = []
-    assert cached(tmp_path, "sft", lambda: calls.append(1) or rows) == rows and calls == [1]
+    assert load_saved(tmp_path, "sft") is None  # the caller generates them again and saves them whole
     err = capsys.readouterr().err
     assert f"evaluate: saved generations {saved} cannot be read: truncated" in err and "generating them again" in err
-    assert cached(tmp_path, "sft", lambda: pytest.fail("whole again: reused")) == rows
+    save(tmp_path, "sft", rows)
+    assert load_saved(tmp_path, "sft") == rows
 
 
 def mount_tmpfs(mount: Path, size: str) -> None:
