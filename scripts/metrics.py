@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines) if lines else "no metrics yet: make run")
     missing = [f.name for f in files if not f.is_file()]
     if missing and lines:
-        print(f"not yet made: {', '.join(missing)}" + (" (make seeds)" if "seeds.json" in missing else ""))
+        print("not yet made: " + ", ".join(f"{name} (make {'seeds' if name == 'seeds.json' else 'run'})"
+                                          for name in missing))
     return 0
 
 

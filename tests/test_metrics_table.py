@@ -29,14 +29,15 @@ def test_metrics_table_before_and_after_the_seed_study(tmp_path):
             "rm": ["accuracy", "margin_mean", "train_loss_first", "train_loss_last", "seconds"],
             "ppo": ["reward_mean_first", "reward_mean_last", "kl_last", "kl_coef_last", "steps", "seconds"],
             "eval": [f"{policy}_{measure}" for policy in ("base", "sft", "ppo")
-                     for measure in ("gold_mean", "reward_mean", "kl_to_sft", "perplexity", "response_length")]}
+                     for measure in ("gold_mean", "reward_mean", "kl_to_sft", "perplexity", "response_length")],
+            "best_of_n": ["n_max", "gold_mean_at_n_max"]}
     for stage, names in keys.items():
         (metrics / f"{stage}.json").write_text(json.dumps({name: 12345.678901 for name in names}
                                                           | {"compute_dtype": "bfloat16"}))
     before = metrics_output(tmp_path)
     assert "failed" not in before.lower() and "not yet made: seeds.json (make seeds)" in before
     header = before.splitlines()[1].split()
-    assert header == ["metric", "sft", "rm", "ppo", "eval"]
+    assert header == ["metric", "sft", "rm", "ppo", "eval", "best_of_n"]
     assert "1.235e+04" in before and all(name in before for names in keys.values() for name in names)
 
     (metrics / "seeds.json").write_text(json.dumps({"gold_gain_mean": 0.03, "gold_gain_ci_low": -0.021,
