@@ -86,7 +86,8 @@ def _rerun_reproduces_every_byte(root: Path) -> None:
     results/ but the wall times (timings/) and the bookkeeping beside the outputs (checkpoints, DVCLive
     logs). Run-dependent bytes would show up here: times, dates in figures and PDFs, IDs, hostnames,
     and any stage whose computation differs from one process to the next."""
-    results, skip = root / "results", {"checkpoints", "dvclive", "timings"}
+    # .qlora-rlhf.lock: the writer lock (lock.py) names its holder's PID and start time, and is no output
+    results, skip = root / "results", {"checkpoints", "dvclive", "timings", ".qlora-rlhf.lock"}
     lock, before = (root / "dvc.lock").read_bytes(), _files(results, skip)
     timings = sorted(p.name for p in (results / "smoke" / "timings").iterdir())
     assert timings == sorted(f"{stage}.json" for stage in ("sft", "rm", "ppo", "ppo_seed@1", "ppo_seed@2"))
@@ -103,7 +104,8 @@ def _rerun_reproduces_every_byte(root: Path) -> None:
 
 
 NOT_OUTPUTS = {"checkpoints", "dvclive", "timings"}  # written beside the outputs, never pushed
-MARKERS = {".snakemake_timestamp", ".gitignore"}  # one door's bookkeeping, not a stage's output
+# one door's bookkeeping, and the writer lock (lock.py): not a stage's output
+MARKERS = {".snakemake_timestamp", ".gitignore", ".qlora-rlhf.lock"}
 
 
 def _outputs(run: Path) -> dict[str, tuple[str, int]]:
