@@ -168,6 +168,7 @@ def test_missing_keys_are_all_reported(tmp_path, write_params):
         ({"sft.batch_size": 64}, "sft.batch_size=64 is larger than data.sft_size=32"),
         ({"rm.batch_size": 33}, "rm.batch_size=33 is larger than data.rm_size=32"),
         ({"eval.num_prompts": 9}, "eval.num_prompts=9 is larger than data.eval_size=8"),
+        ({"ppo.eval_prompts": 9}, "ppo.eval_prompts=9 is larger than data.eval_size=8"),
         ({"ppo.batch_size": 6, "ppo.mini_batch_size": 4},
          "ppo.batch_size=6 must be a multiple of ppo.mini_batch_size=4"),
         ({"ppo.batch_size": 6, "ppo.mini_batch_size": 2, "ppo.samples_per_prompt": 4},

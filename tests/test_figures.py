@@ -10,10 +10,21 @@ from pathlib import Path
 
 import pytest
 
+HELD_OUT = ["held_out_reward_mean", "held_out_reward_ci_low", "held_out_reward_ci_high", "held_out_gold_mean",
+            "held_out_gold_ci_low", "held_out_gold_ci_high", "held_out_kl_to_sft", "held_out_kl_ci_low",
+            "held_out_kl_ci_high"]
 
-def write_fake_results(root: Path) -> Path:
+
+def _held_out_point(step: int) -> list[float]:
+    """PPO's held-out curve at `step` (ppo.py's HeldOutCurve), in HELD_OUT's order."""
+    reward, gold, kl = 2 + step / 3, 0.42 + step / 60, step / 40
+    return [reward, reward - 0.3, reward + 0.3, gold, gold - 0.04, gold + 0.04, kl, kl * 0.8, kl * 1.2]
+
+
+def write_fake_results(root: Path, held_out: bool = True) -> Path:
     """A results/<run>/ folder with every file the figures and paper stages read, shaped as the
-    upstream stages' contract says (history CSVs, metrics JSON, eval tables). Returns `root`."""
+    upstream stages' contract says (history CSVs, metrics JSON, eval tables). Returns `root`. With
+    `held_out`, PPO's history has its held-out curve (steps 0, 4, 8, 12) and ppo.json its ends."""
     rng = random.Random(0)
     metrics, eval_dir = root / "metrics", root / "eval"
     metrics.mkdir(parents=True)
@@ -29,17 +40,22 @@ def write_fake_results(root: Path) -> Path:
               [[s, 2.5 * math.exp(-s / 20) + 1.2] for s in range(2, 41, 2)])
     write_csv(metrics / "rm_history.csv", ["step", "loss", "accuracy"],
               [[s, 0.69 - s / 200, "" if s % 10 else 0.5 + s / 300] for s in range(2, 61, 2)])
-    write_csv(metrics / "ppo_history.csv",
-              ["step", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length",
-               "eos_fraction", "policy_loss", "kl_coef"],
-              [[s, 2 + s / 2 + rng.gauss(0, 0.2), 0.05 + s / 50, 1.5 - s / 40, 0.1, 0.5 / s, 20 + s, 0.8, -0.01 * s,
-                0.05 * 1.02 ** s] for s in range(1, 13)])
+    steps = [[s, 2 + s / 2 + rng.gauss(0, 0.2), 0.05 + s / 50, 1.5 - s / 40, 0.1, 0.5 / s, 20 + s, 0.8, -0.01 * s,
+              0.05 * 1.02 ** s] for s in range(1, 13)]
+    header = ["step", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length",
+              "eos_fraction", "policy_loss", "kl_coef"]
+    if held_out:
+        steps = [[0] + [""] * (len(header) - 1)] + steps
+        steps = [row + (_held_out_point(row[0]) if row[0] % 4 == 0 else [""] * len(HELD_OUT)) for row in steps]
+    write_csv(metrics / "ppo_history.csv", header + (HELD_OUT if held_out else []), steps)
     json.dump({"perplexity_base": 12.04, "perplexity_sft": 3.41, "train_loss_first": 2.5, "train_loss_last": 1.2,
                "steps": 40}, (metrics / "sft.json").open("w"))
     json.dump({"accuracy": 0.72, "margin_mean": 0.83, "train_loss_first": 0.69, "train_loss_last": 0.35,
                "steps": 60}, (metrics / "rm.json").open("w"))
-    json.dump({"reward_mean_first": 2.0, "reward_mean_last": 8.0, "kl_last": 0.25, "kl_coef_last": 0.063, "steps": 12},
-              (metrics / "ppo.json").open("w"))
+    ends = {f"{key}_{end}": value for end, step in (("first", 0), ("last", 12))
+            for key, value in zip(HELD_OUT, _held_out_point(step), strict=True)}
+    json.dump({"reward_mean_first": 2.0, "reward_mean_last": 8.0, "kl_last": 0.25, "kl_coef_last": 0.063, "steps": 12}
+              | (ends | {"held_out_points": 4} if held_out else {}), (metrics / "ppo.json").open("w"))
     json.dump({"sft_perplexity": 3.41, "base_perplexity": 12.04, "rm_accuracy": 0.72, "rm_margin_mean": 0.83,
                "ppo_reward_mean": 7.5, "sft_reward_mean": 2.1, "base_reward_mean": -0.4, "ppo_gold_mean": 0.61,
                "sft_gold_mean": 0.42, "winrate_rm": 0.81, "winrate_gold": 0.64, "ppo_kl_to_sft": 0.27},
@@ -74,10 +90,12 @@ def write_fake_results(root: Path) -> Path:
     return root
 
 
-def test_figures_written_as_png_and_pdf(tmp_path):
+@pytest.mark.parametrize("held_out", [True, False])
+def test_figures_written_as_png_and_pdf(tmp_path, held_out):
+    """With PPO's held-out curve (the timeline's fourth panel, Gao et al.'s axes), and without (ppo.eval_every 0)."""
     from qlora_rlhf.stages.figures import FIGURES, make_figures
 
-    results = write_fake_results(tmp_path / "run")
+    results = write_fake_results(tmp_path / "run", held_out=held_out)
     out = tmp_path / "figures"
     out.mkdir()
     written = make_figures(results / "metrics", results / "eval", out)

@@ -58,7 +58,7 @@ def test_every_macro_the_paper_uses_is_generated_and_traced(results, params):
     macros = paper.build_macros(results / "metrics", results / "eval", params)
     used = paper.used_macros(SOURCES)
     # the generated tables use macros too
-    tables = paper.setup_table(macros) + paper.training_table() + paper.summary_table(list(paper.POLICIES)) \
+    tables = paper.setup_table(macros) + paper.training_table(macros) + paper.summary_table(list(paper.POLICIES)) \
         + paper.winrate_table(["reward_model", "gold"])
     used |= set(paper.MACRO_USE.findall(tables))
     assert used, "the paper uses no generated macros"
@@ -71,6 +71,17 @@ def test_every_macro_the_paper_uses_is_generated_and_traced(results, params):
             assert macro.value == paper.fmt(raw)
         elif isinstance(raw, str) and re.fullmatch(r"-?[\d.eE+-]+", raw):
             assert macro.value == paper.fmt(raw)
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_the_ppo_row_gives_the_held_out_curve_with_intervals_where_the_run_has_one(tmp_path, params, held_out):
+    run = write_fake_results(tmp_path / "run", held_out=held_out)
+    row = paper.training_table(paper.build_macros(run / "metrics", run / "eval", params)).split("\n")[-4]
+    if held_out:
+        assert row.startswith("PPO & held-out RM ") and r"\ResPpoHeldOutRewardCiLowFirst" in row
+        assert r"gold \ResPpoHeldOutGoldMeanFirst" in row and r"\ResPpoHeldOutKlCiHighLast" in row
+    else:
+        assert row.startswith(r"PPO & reward \ResPpoRewardMeanFirst")
 
 
 def test_paper_sources_hold_no_literal_results():

@@ -5,6 +5,9 @@ deliberate differences from TRL's PPOTrainer."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -228,3 +231,28 @@ def test_padded_log_probs_and_values_never_reach_the_loss(bad):
     assert all(torch.isfinite(torch.tensor(loss)).all() for loss in losses) and losses[0] == losses[1]
     for clean, dirty in zip(*grads):
         assert torch.isfinite(dirty).all() and torch.equal(clean, dirty)
+
+
+def test_approx_kl_and_explained_variance_are_cleanrls():
+    """cleanrl's ppo.py: approx_kl = mean((ratio - 1) - log ratio), explained_var = 1 - Var(y - ŷ) / Var(y),
+    here over real response tokens only."""
+    torch.manual_seed(0)
+    new, old, mask = torch.randn(4, 6), torch.randn(4, 6), torch.ones(4, 6)
+    mask[1, 4:] = 0
+    log_ratio = (new - old)[mask.bool()]
+    expected = ((log_ratio.exp() - 1) - log_ratio).mean()
+    assert ppo.approx_kl(new, old, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    values, returns = torch.randn(4, 6), torch.randn(4, 6)
+    y, y_hat = returns[mask.bool()].numpy(), values[mask.bool()].numpy()
+    assert ppo.explained_variance(values, returns, mask) == pytest.approx(1 - np.var(y - y_hat) / np.var(y), rel=1e-5)
+
+
+def test_the_prompt_centred_score_is_the_gain_over_sfts_importance_weighted_score():
+    """Per prompt (groups of k): mean score minus Σ w·score / Σ w with w = exp(−KL of the sequence).
+    A policy equal to SFT (KL 0) gains nothing; one sample per prompt gives no estimate."""
+    scores = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    assert ppo.prompt_centred(scores, torch.zeros(4), k=2) == pytest.approx(0.0)
+    kl = torch.tensor([0.0, math.log(3.0), 0.0, 0.0])  # the second reply is 3x likelier under the policy
+    # prompt 1: mean 2, SFT's estimate (1·1 + 3·1/3) / (1 + 1/3) = 1.5; prompt 2: 0
+    assert ppo.prompt_centred(scores, kl, k=2) == pytest.approx((2 - 1.5) / 2)
+    assert math.isnan(ppo.prompt_centred(scores, kl, k=1))

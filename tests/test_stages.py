@@ -77,14 +77,41 @@ def test_train_loss_ends_skip_a_closing_log_without_loss():
 def test_ppo_history_has_every_metric_and_finite_values(pipeline):
     config, paths, results = pipeline
     history = pd.read_csv(paths.metrics / "ppo_history.csv")
-    expected = {"reward_mean", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "policy_loss",
-                "response_length", "eos_fraction"}
+    steps = history[history["step"] > 0]  # step 0: the held-out curve's first point only
+    expected = {"reward_mean", "reward_running_mean", "reward_prompt_centred", "kl", "kl_coef", "entropy",
+                "clip_fraction", "approx_kl", "value_loss", "explained_variance", "policy_loss", "response_length",
+                "eos_fraction"}
     assert expected <= set(history.columns)
-    assert len(history) == config.ppo.steps
-    assert history[sorted(expected)].map(math.isfinite).all().all()
-    assert history["kl"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: the policy is the SFT model
-    assert (history["kl_coef"] == config.ppo.kl_coef).all()  # the smoke profile's control is fixed
+    assert steps["step"].tolist() == list(range(1, config.ppo.steps + 1))
+    assert steps[sorted(expected)].map(math.isfinite).all().all()
+    assert steps["kl"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: the policy is the SFT model
+    assert steps["reward_prompt_centred"].iloc[0] == pytest.approx(0.0, abs=1e-6)  # ... so no gain over SFT yet
+    running = steps["reward_mean"].rolling(ppo.RUNNING_MEAN_STEPS, min_periods=1).mean()
+    assert steps["reward_running_mean"].tolist() == pytest.approx(running.tolist())
+    assert (steps["approx_kl"] >= 0).all() and (steps["explained_variance"] <= 1).all()
+    assert (steps["kl_coef"] == config.ppo.kl_coef).all()  # the smoke profile's control is fixed
     assert (paths.ppo / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_held_out_curve_is_measured_at_step_zero_every_eval_every_steps_and_the_last(pipeline):
+    """The smoke profile: 3 steps, a point every 2: steps 0, 2 and 3, each with the reward model's and
+    the gold judge's score and the KL to SFT, with intervals; at step 0 the policy is SFT (KL 0)."""
+    config, paths, _ = pipeline
+    assert (config.ppo.steps, config.ppo.eval_every) == (3, 2)
+    history = pd.read_csv(paths.metrics / "ppo_history.csv")
+    points = history.dropna(subset=["held_out_reward_mean"])
+    assert points["step"].tolist() == [0, 2, 3]
+    for name in ("reward", "gold", "kl"):
+        mean = points[f"held_out_{name}_mean" if name != "kl" else "held_out_kl_to_sft"]
+        assert (points[f"held_out_{name}_ci_low"] <= mean + 1e-9).all() and (mean <= points[f"held_out_{name}_ci_high"]
+                                                                             + 1e-9).all(), name
+    # the sampler's log-probs (cached decoding) against a full forward's: equal up to rounding
+    assert points["held_out_kl_to_sft"].iloc[0] == pytest.approx(0.0, abs=1e-2)
+    assert history.loc[history["step"] == 0, "reward_mean"].isna().all()  # no rollout at step 0
+    metrics = json.loads(paths.stage_metrics("ppo").read_text())
+    assert metrics["held_out_points"] == 3
+    assert metrics["held_out_reward_mean_first"] == points["held_out_reward_mean"].iloc[0]
+    assert metrics["held_out_gold_mean_last"] == points["held_out_gold_mean"].iloc[-1]
 
 
 def test_reference_is_the_sft_policy_at_step_zero(pipeline):

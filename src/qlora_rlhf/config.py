@@ -124,6 +124,10 @@ class PPOConfig(_Section):
     missing_eos_penalty: float = Field(ge=0.0)
     max_kl: float = Field(gt=0.0, description="stop when KL to the reference exceeds this")
     save_steps: int = Field(ge=1)
+    eval_every: int = Field(ge=0, description="the held-out curve: a point every this many steps, at 0 and the last; "
+                                              "0: no curve")
+    eval_prompts: int = Field(ge=1, description="the held-out curve: the eval split's first this many prompts")
+    eval_batch_size: int = Field(ge=1, description="the held-out curve: prompts per generate call")
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
@@ -198,6 +202,7 @@ class Config(_Section):
             ("ppo.batch_size", self.ppo.batch_size, "data.ppo_size", self.data.ppo_size),
             ("eval.num_prompts", self.eval.num_prompts, "data.eval_size", self.data.eval_size),
             ("best_of_n.num_prompts", self.best_of_n.num_prompts, "data.eval_size", self.data.eval_size),
+            ("ppo.eval_prompts", self.ppo.eval_prompts, "data.eval_size", self.data.eval_size),
         ]
         problems = [f"{key}={value} is larger than {data_key}={size}"
                     for key, value, data_key, size in checks if value > size]

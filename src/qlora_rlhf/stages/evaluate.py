@@ -13,27 +13,26 @@ and SFT policies are the run's own, so their generations are read from the run's
 seed is compared with the same SFT samples.
 
 `run` reads as the stage's three parts, each a function: `generate` (one policy's responses),
-`score` (their reward-model and gold scores and KL to SFT) and `summarise` (the tables)."""
+`score` (their reward-model and gold scores and KL to SFT), both in held_out.py because PPO's
+held-out curve draws and scores its points the same way, and `summarise` (the tables)."""
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from ..actor import Samples, SharedBaseRoles
+from ..actor import SharedBaseRoles
 from ..atomic import atomic_dir, atomic_file, read_json
 from ..checkpoints import reused_rows
-from ..config import Config, EvalConfig
+from ..config import Config
 from ..data import read_split
+from ..held_out import Sampling, generate, score, summary
 from ..models import base_location, load_model
 from ..paths import HELD_OUT_MARGINS, HELD_OUT_PERPLEXITY, RunPaths
 from ..stats import POLICIES, bootstrap_ci, win_rate, wins
-from ..synthetic import gold_score, prompt_category
+from ..synthetic import prompt_category
 from ..tokens import prompt_ids
 from ..training import TrainingError, checkpoints_for, completion_perplexity, require, seed_everything, write_metrics
 
@@ -61,7 +60,8 @@ def run(config: Config, paths: RunPaths) -> dict:
             continue
         policy_rows = load_saved(saved, policy)
         if policy_rows is None:
-            policy_rows = score(policy, roles, generate(policy, roles, base, prompts, config), config.eval)
+            drawn = generate(policy, roles, base, prompts, Sampling.of_eval(config.eval, config.run.seed))
+            policy_rows = score(policy, roles, drawn, config.eval.temperature)
             save(saved, policy, policy_rows)
         rows += policy_rows
     generations = pd.DataFrame(rows)
@@ -78,49 +78,6 @@ def run(config: Config, paths: RunPaths) -> dict:
     write_metrics(paths, "eval", {k: (None if v != v else v) for k, v in metrics.items()}, config)
     print(tables["summary"].to_string(index=False, float_format="{:.3f}".format))
     return metrics
-
-
-# ------------------------------------------------------------------ generate
-@torch.no_grad()
-def generate(policy: str, roles: SharedBaseRoles, base, prompts: list[str],
-             config: Config) -> list[tuple[list[str], Samples]]:
-    """One response per prompt from `policy`, in batches of eval.batch_size, drawn through model.generation's
-    engine: the base model (`base`); SFT, the shared base with its adapters off (the reference role);
-    or PPO, with the policy adapter. Each policy starts from the same seed: the same sampling noise."""
-    cfg = config.eval
-    model = base if policy == "base" else roles.model
-    role = roles.reference if policy == "sft" else nullcontext
-    torch.manual_seed(config.run.seed)
-    batches = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"evaluate {policy}", unit="batch"):
-        batch = prompts[start : start + cfg.batch_size]
-        with role():
-            drawn = roles.sample(batch, cfg.max_new_tokens, cfg.temperature, logprobs=True, model=model)
-        batches.append((batch, drawn))
-    return batches
-
-
-# ------------------------------------------------------------------ score
-@torch.no_grad()
-def score(policy: str, roles: SharedBaseRoles, batches: list[tuple[list[str], Samples]], cfg: EvalConfig) -> list[dict]:
-    """A row per response: its reward-model score, its gold score (synthetic prompts; None on real ones),
-    and its KL to SFT, from the sampled tokens' log-probs under the distribution that drew them and
-    under SFT (the reference role; 0 by definition for SFT itself)."""
-    tok, rows = roles.tokenizer, []
-    for prompts, sample in batches:
-        kl = torch.zeros(len(prompts))
-        if policy != "sft":
-            with roles.reference():
-                sft = roles.score_response(sample.ids, sample.mask, sample.prompt_len, cfg.temperature).logprobs
-            kl = (sample.logprobs * sample.response_mask).sum(1) - (sft * sample.response_mask).sum(1)
-        rewards = roles.reward(sample.ids, sample.mask)
-        for i, prompt in enumerate(prompts):
-            text = tok.decode(sample.response[i][sample.response_mask[i].bool()], skip_special_tokens=True)
-            rows.append({"policy": policy, "prompt": prompt, "response": text, "reward": rewards[i].item(),
-                         "gold": gold_score(prompt, text), "kl_to_sft": kl[i].item(),
-                         "response_length": int(sample.response_mask[i].sum()),
-                         "ends_with_eos": bool(sample.has_eos[i])})
-    return pd.DataFrame(rows).to_dict("records")  # as a table column: a missing gold score is NaN, not None
 
 
 def rows_of_the_run(generations_csv: Path, policy: str, prompts: list[str]) -> list[dict]:
@@ -163,20 +120,9 @@ def summarise(generations: pd.DataFrame, perplexity: dict[str, float], sample_pr
 
 def summary_table(generations: pd.DataFrame, perplexity: dict[str, float], has_gold: bool, samples: int,
                   seed: int) -> pd.DataFrame:
-    """Per policy: perplexity, mean reward (and gold) score with 95 % bootstrap intervals, KL to SFT,
-    response length and the share of responses that end with EOS."""
-    rows = []
-    for name, frame in generations.groupby("policy", sort=False):
-        reward_ci = bootstrap_ci(frame["reward"].to_numpy(dtype=float), samples, seed)
-        row = {"policy": name, "perplexity": perplexity[name], "reward_mean": frame["reward"].mean(),
-               "reward_ci_low": reward_ci[0], "reward_ci_high": reward_ci[1]}
-        if has_gold:
-            gold = frame["gold"].dropna().to_numpy(dtype=float)
-            gold_ci = bootstrap_ci(gold, samples, seed)
-            row |= {"gold_mean": gold.mean(), "gold_ci_low": gold_ci[0], "gold_ci_high": gold_ci[1]}
-        rows.append(row | {"kl_to_sft": frame["kl_to_sft"].mean(), "response_length": frame["response_length"].mean(),
-                           "eos_fraction": frame["ends_with_eos"].astype(float).mean()})
-    return pd.DataFrame(rows)
+    """Per policy: perplexity, then held_out.summary's means and intervals."""
+    return pd.DataFrame([{"policy": name, "perplexity": perplexity[name]} | summary(frame, has_gold, samples, seed)
+                         for name, frame in generations.groupby("policy", sort=False)])
 
 
 def winrate_table(generations: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame:

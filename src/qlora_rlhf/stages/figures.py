@@ -1,7 +1,7 @@
 """The figures stage: seaborn PNG + PDF from the metrics and evaluation tables, written atomically
 into results/<run>/figures. Reads only the contract files of the upstream stages:
 
-- metrics/{sft,rm,ppo}_history.csv  per-step training curves
+- metrics/{sft,rm,ppo}_history.csv  per-step training curves (PPO's with its held-out curve, held_out_*)
 - eval/generations.csv               per-response reward / gold score of base, SFT and PPO
 - eval/rm_pairs.csv                  reward-model margin on held-out pairs
 - eval/summary.csv, best_of_n/best_of_n.csv  PPO's scores and KL, and best-of-n's frontier from SFT
@@ -68,8 +68,12 @@ def _save(fig, folder: Path, name: str) -> None:
 
 
 def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):
-    """The three training stages side by side, in order, as in the design note's metrics timeline."""
-    fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.6), constrained_layout=True)
+    """The three training stages side by side, in order, as in the design note's metrics timeline; with
+    PPO's held-out curve (ppo.eval_every > 0), a fourth panel for its gold score and KL to SFT."""
+    held_out = _held_out(ppo)
+    gold = held_out is not None and _has(held_out, "held_out_gold_mean")
+    panels = 4 if held_out is not None else 3
+    fig, axes = plt.subplots(1, panels, figsize=(FULL_WIDTH * panels / 3, 2.6), constrained_layout=True)
 
     ax = axes[0]
     data = _series(sft, "loss")
@@ -87,11 +91,51 @@ def _timeline(plt, sft: pd.DataFrame, rm: pd.DataFrame, ppo: pd.DataFrame):
 
     ax = axes[2]
     data = _series(ppo, "reward_mean")
-    ax.plot(data["step"], data["reward_mean"], color=COLORS["ppo"], marker="o", markersize=2.5, label="reward")
-    ax.set(title="3. PPO", xlabel="PPO step", ylabel="mean reward (RM score)")
-    _twin_line(ax, _series(ppo, "kl"), "kl", COLORS["kl"], "KL to SFT", "KL to SFT (nats)")
+    ax.plot(data["step"], data["reward_mean"], color=COLORS["ppo"], marker="o", markersize=2, linewidth=0.6,
+            alpha=0.35, label="batch mean")
+    if "reward_running_mean" in ppo.columns:
+        data = _series(ppo, "reward_running_mean")
+        ax.plot(data["step"], data["reward_running_mean"], color=COLORS["ppo"], linewidth=1.2, label="running mean")
+    if held_out is not None:
+        _band(ax, held_out, "held_out_reward", "black", "held-out prompts")
+    ax.set(title="3. PPO: reward model", xlabel="PPO step", ylabel="mean reward (RM score)")
+    ax.legend(loc="best", fontsize="x-small")
+    if held_out is None:
+        _twin_line(ax, _series(ppo, "kl"), "kl", COLORS["kl"], "KL to SFT", "KL to SFT (nats)")
+    else:
+        ax = axes[3]
+        if gold:
+            _band(ax, held_out, "held_out_gold", "black", "gold score")
+            ax.set(ylabel="gold score")
+        ax.set(title="PPO on held-out prompts", xlabel="PPO step")
+        twin = ax.twinx()
+        _band(twin, held_out, "held_out_kl", COLORS["kl"], "KL to SFT", mean="held_out_kl_to_sft", linestyle="--")
+        twin.set_ylabel("KL to SFT (nats)")
+        twin.grid(False)
+        _joint_legend(ax, twin)
     fig.suptitle("Training metrics timeline: SFT \u2192 reward model \u2192 PPO")
     return fig
+
+
+def _held_out(ppo: pd.DataFrame) -> pd.DataFrame | None:
+    """The held-out curve's points (ppo.py's HeldOutCurve), or None when the run measured none."""
+    if "held_out_reward_mean" not in ppo.columns:
+        return None
+    points = ppo.dropna(subset=["held_out_reward_mean"])
+    return points if len(points) else None
+
+
+def _has(frame: pd.DataFrame, column: str) -> bool:
+    """Whether `column` holds any value (a gold column exists only where the data has a gold judge)."""
+    return column in frame.columns and bool(frame[column].notna().any())
+
+
+def _band(ax, points: pd.DataFrame, prefix: str, color, label: str, mean: str | None = None, **line) -> None:
+    """A held-out series: its means joined by a line, its 95 % intervals as a band."""
+    mean = mean or f"{prefix}_mean"
+    ax.fill_between(points["step"], points[f"{prefix}_ci_low"], points[f"{prefix}_ci_high"], color=color, alpha=0.15,
+                    linewidth=0)
+    ax.plot(points["step"], points[mean], color=color, marker="o", markersize=2.5, label=label, **line)
 
 
 def _twin_line(ax, data: pd.DataFrame, column: str, color, label: str, ylabel: str):
@@ -113,17 +157,41 @@ def _joint_legend(ax, twin) -> None:
 
 
 def _reward_vs_kl(plt, ppo: pd.DataFrame, config: Config | None):
-    data = ppo[["step", "kl", "reward_mean"]].dropna()
-    fig, ax = plt.subplots(figsize=(HALF_WIDTH + 0.6, 2.8), constrained_layout=True)
-    if config is not None:
-        ax.axvspan(config.ppo.kl_target_low, config.ppo.kl_target_high, color=COLORS["kl"], alpha=0.12,
-                   label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
-    ax.plot(data["kl"], data["reward_mean"], color="lightgrey", linewidth=0.8, zorder=1)
-    points = ax.scatter(data["kl"], data["reward_mean"], c=data["step"], cmap="viridis", s=14, zorder=2)
-    fig.colorbar(points, ax=ax, label="PPO step")
-    ax.set(title="PPO: reward vs KL to SFT", xlabel="KL to SFT (nats)", ylabel="mean reward (RM score)")
-    if config is not None:
-        ax.legend(loc="best", fontsize="small")
+    """Gao et al. (2022)'s axes: score against sqrt(KL to SFT), one point per held-out measurement (its
+    95 % intervals both ways), coloured by step: the reward model's score and, where the data has one,
+    the gold judge's, side by side. Without a held-out curve: the per-step batch means."""
+    held_out = _held_out(ppo)
+    if held_out is None:
+        data = ppo[["step", "kl", "reward_mean"]].dropna()
+        judges = [(data.assign(x=np.sqrt(data["kl"].clip(lower=0))), "reward_mean", None, "mean reward (RM score)",
+                   "PPO: batch reward vs KL to SFT")]
+    else:
+        x = np.sqrt(held_out["held_out_kl_to_sft"].clip(lower=0))
+        judges = [(held_out.assign(x=x), "held_out_reward", "held_out_kl", "RM score (logit)",
+                   "Reward model, held-out prompts")]
+        if _has(held_out, "held_out_gold_mean"):
+            judges.append((held_out.assign(x=x), "held_out_gold", "held_out_kl", "gold score",
+                           "Gold judge, held-out prompts"))
+    fig, axes = plt.subplots(1, len(judges), figsize=(FULL_WIDTH if len(judges) > 1 else HALF_WIDTH + 0.6, 2.8),
+                             constrained_layout=True, squeeze=False)
+    for ax, (data, column, kl, ylabel, title) in zip(axes[0], judges, strict=True):
+        if config is not None:
+            ax.axvspan(np.sqrt(config.ppo.kl_target_low), np.sqrt(config.ppo.kl_target_high), color=COLORS["kl"],
+                       alpha=0.12,
+                       label="target KL range" if config.ppo.kl_control == "adaptive" else "healthy KL range")
+        y = data[column if kl is None else f"{column}_mean"]
+        if kl is not None:
+            root = np.sqrt(data[[f"{kl}_ci_low", f"{kl}_ci_high"]].clip(lower=0))
+            ax.errorbar(data["x"], y, yerr=[y - data[f"{column}_ci_low"], data[f"{column}_ci_high"] - y],
+                        xerr=[(data["x"] - root[f"{kl}_ci_low"]).clip(lower=0),
+                              (root[f"{kl}_ci_high"] - data["x"]).clip(lower=0)],
+                        fmt="none", ecolor="lightgrey", elinewidth=0.8, zorder=1)
+        ax.plot(data["x"], y, color="lightgrey", linewidth=0.8, zorder=1)
+        points = ax.scatter(data["x"], y, c=data["step"], cmap="viridis", s=14, zorder=2)
+        ax.set(title=title, xlabel="$\\sqrt{\\mathrm{KL}}$ to SFT ($\\sqrt{\\mathrm{nats}}$)", ylabel=ylabel)
+        if config is not None:
+            ax.legend(loc="best", fontsize="x-small")
+    fig.colorbar(points, ax=axes[0].tolist(), label="PPO step")
     return fig
 
 
@@ -184,8 +252,10 @@ def _response_lengths(plt, sns, generations: pd.DataFrame, ppo: pd.DataFrame):
 
 
 def _ppo_diagnostics(plt, ppo: pd.DataFrame):
-    panels = [("entropy", "entropy (nats / token)"), ("clip_fraction", "clipped fraction"),
-              ("value_loss", "value loss"), ("policy_loss", "policy loss"),
+    panels = [("reward_prompt_centred", "score minus SFT's, same prompts"), ("entropy", "entropy (nats / token)"),
+              ("clip_fraction", "clipped fraction"), ("approx_kl", "KL(old \u2016 new) per token"),
+              ("value_loss", "value loss"), ("explained_variance", "value head's explained variance"),
+              ("policy_loss", "policy loss"),
               ("eos_fraction", "fraction ending with EOS"), ("kl", "KL to SFT (nats)"),
               ("kl_coef", "KL coefficient")]
     panels = [(column, label) for column, label in panels if column in ppo.columns]

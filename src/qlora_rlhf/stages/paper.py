@@ -257,14 +257,28 @@ def setup_table(macros: dict[str, Macro]) -> str:
         "\n".join(row + r" \\" for row in body) + "\n\\bottomrule\n\\end{tabularx}\n"
 
 
-def training_table() -> str:
+def training_table(macros: dict[str, Macro]) -> str:
+    """One row per stage. PPO's row gives its held-out curve (ppo.py's HeldOutCurve: fixed held-out
+    prompts, step 0 to the last step, with 95 % intervals) where the run measured one, else the raw
+    batch means of its first and last rollouts."""
     rows = [
         r"SFT & perplexity \ResSftPerplexityBase{} $\to$ \ResSftPerplexitySft & "
         r"\ResSftTrainLossFirst{} $\to$ \ResSftTrainLossLast & \ResSftSteps",
         r"Reward model & accuracy \ResRmAccuracy, margin \ResRmMarginMean & "
         r"\ResRmTrainLossFirst{} $\to$ \ResRmTrainLossLast & \ResRmSteps",
-        r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & \ResPpoSteps",
     ]
+    if "ResPpoHeldOutRewardMeanLast" not in macros:
+        rows.append(r"PPO & reward \ResPpoRewardMeanFirst{} $\to$ \ResPpoRewardMeanLast, KL \ResPpoKlLast & -- & "
+                    r"\ResPpoSteps")
+    else:
+        def point(name: str, end: str) -> str:
+            key = f"ResPpoHeldOut{name}"
+            return fr"\{key}Mean{end}{{}} [\{key}CiLow{end}, \{key}CiHigh{end}]"
+
+        judges = [("Reward", "RM")] + ([("Gold", "gold")] if "ResPpoHeldOutGoldMeanLast" in macros else [])
+        text = "; ".join(fr"{label} {point(name, 'First')} $\to$ {point(name, 'Last')}" for name, label in judges)
+        rows.append(fr"PPO & held-out {text}; KL \ResPpoHeldOutKlToSftLast{{}} "
+                    fr"[\ResPpoHeldOutKlCiLowLast, \ResPpoHeldOutKlCiHighLast] & -- & \ResPpoSteps")
     # No wall-clock column: the paper is a DVC output, and a time would change its bytes on every rerun
     # (the times are in results/<run>/timings/, timings.py).
     return _table("@{}llrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps", rows)
@@ -528,7 +542,7 @@ def write_paper(out: Path, metrics: Path, eval_dir: Path, figures: Path, params:
     policies = [p for p in POLICIES if f"ResSummary{camel(p)}RewardMean" in macros]
     judges = [j for j in ("reward_model", "gold") if f"ResWinrate{camel(j)}WinRate" in macros]
     (tables / "setup.tex").write_text(setup_table(macros))
-    (tables / "training.tex").write_text(training_table())
+    (tables / "training.tex").write_text(training_table(macros))
     gold = all(f"ResSummary{camel(p)}GoldMean" in macros for p in policies)
     (tables / "summary.tex").write_text(summary_table(policies, gold))
     (tables / "winrate.tex").write_text(winrate_table(judges))

@@ -30,6 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -39,8 +40,10 @@ from ..atomic import atomic_dir, read_json, write_json
 from ..checkpoints import newest_loadable
 from ..config import Config, PPOConfig
 from ..data import read_split
+from ..held_out import Sampling, generate, score, summary
 from ..paths import RunPaths
 from ..preemption import SigtermFlag, stopped
+from ..tokens import prompt_ids
 from ..training import (
     History,
     Timer,
@@ -54,6 +57,7 @@ from ..training import (
 )
 
 KEEP_CHECKPOINTS = 2
+BOOTSTRAP_SAMPLES = 1000  # the held-out curve's intervals (eval.bootstrap_samples is the evaluation's, not read here)
 
 
 def run(config: Config, paths: RunPaths) -> dict:
@@ -68,15 +72,21 @@ def run(config: Config, paths: RunPaths) -> dict:
     optimizer = make_optimizer(config, roles.policy_parameters())
     start, kl = checkpoints.restore(resumed, roles, optimizer, cfg)  # (0, KLController(cfg)) without one
 
-    # ---- the loop: one rollout and one update per step
+    curve = HeldOutCurve(config, paths, roles)
+
+    # ---- the loop: one rollout and one update per step; the held-out curve at step 0 and when due
     with Bookkeeping(paths, checkpoints, start, cfg) as book:
+        if start == 0 and curve.due(0):
+            book.history.log(0, curve.measure(roles))  # SFT itself: the policy's LoRA update starts at zero
         for step in book.steps():
             torch.manual_seed(seed * 1000 + step)  # same samples after a resume
             batch = rollout(roles, rollout_prompts(prompts, step, cfg, seed), cfg, kl.value)
             stats = update(roles, optimizer, batch, cfg)
-            metrics = step_metrics(batch, stats, kl.value)
+            metrics = step_metrics(batch, stats, kl.value, cfg.samples_per_prompt, book.recent("reward_mean"))
             guard(step, metrics, cfg, checkpoints.root)
             kl.update(metrics["kl"], cfg.batch_size)
+            if curve.due(step):
+                metrics |= curve.measure(roles)
             book.log(step, metrics)
             if book.checkpoint_due(step):
                 checkpoints.save(step, roles, optimizer, kl)
@@ -221,8 +231,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ update: step 6
 def update(roles: SharedBaseRoles, optimizer, batch: Rollout, cfg: PPOConfig) -> dict[str, float]:
-    """Step 6; returns the mean over mini-batches of the losses, the clip fraction and the entropy."""
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "entropy": []}
+    """Step 6; returns the mean over mini-batches of the losses, the clip fraction, the approximate KL
+    between the rollout's policy and the one being updated, and the entropy."""
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": [],
+                                     "entropy": []}
     roles.model.train()
     # 6. `ppo_epochs` passes over the rollout, each in shuffled mini-batches of `mini_batch_size` sequences,
     #    one optimizer step per mini-batch.
@@ -244,6 +256,7 @@ def update(roles: SharedBaseRoles, optimizer, batch: Rollout, cfg: PPOConfig) ->
             with torch.no_grad():
                 stats["entropy"].append(masked_mean(entropy(new.logits), mb.response_mask).item())
                 stats["clip_fraction"].append(clip_fraction.item())
+                stats["approx_kl"].append(approx_kl(new.logprobs, mb.logprobs, mb.response_mask).item())
             stats["policy_loss"].append(pg_loss.item())
             stats["value_loss"].append(vf_loss.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
@@ -268,6 +281,14 @@ def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     return 0.5 * masked_mean(torch.max((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
 
 
+def approx_kl(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(π_old ‖ π_new) per token, estimated as cleanrl's PPO does (Schulman's k3: (r − 1) − log r with
+    r = π_new / π_old, unbiased and never negative): how far one update moved the policy, as against
+    the KL to SFT that the reward penalises."""
+    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, 0.0)
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) at each position."""
     probs = torch.softmax(logits, -1)
@@ -275,14 +296,50 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ after the update
-def step_metrics(batch: Rollout, stats: dict[str, float], kl_coef: float) -> dict[str, float]:
-    """What the history records for a step: the update's means, then the rollout's (reward_mean is the
-    reward model's score before the EOS penalty and the centering; kl the mean over sequences)."""
+RUNNING_MEAN_STEPS = 5  # the raw batch mean's running mean: this many steps, the current one included
+
+
+def step_metrics(batch: Rollout, stats: dict[str, float], kl_coef: float, k: int,
+                 earlier_rewards: list[float]) -> dict[str, float]:
+    """What the history records for a step: the update's means, then the rollout's. reward_mean is the
+    reward model's raw score (before the EOS penalty and the centering) averaged over a batch of few
+    prompts, so it swings with how hard the step's prompts are; three series show learning instead:
+
+    - reward_running_mean: the mean of reward_mean over the last RUNNING_MEAN_STEPS steps;
+    - reward_prompt_centred: each prompt's mean score minus SFT's expected score on the same prompt,
+      estimated from the same k samples by self-normalised importance weights π_ref / π = exp(−KL of
+      the sequence); prompt difficulty cancels, and it is 0 at step 1, where the policy is SFT
+      (NaN with samples_per_prompt 1, where one sample cannot tell its prompt from its reply);
+    - the held-out curve (HeldOutCurve), on fixed prompts.
+
+    explained_variance is the value head's (cleanrl, TRL): 1 − Var(returns − values) / Var(returns)
+    over real tokens; 1 is a perfect critic, 0 or below no better than a constant."""
+    reward = batch.scores.mean().item()
+    recent = [*earlier_rewards[-(RUNNING_MEAN_STEPS - 1):], reward]
     return stats | {
-        "reward_mean": batch.scores.mean().item(), "kl": batch.kl.mean().item(), "kl_coef": kl_coef,
+        "reward_mean": reward, "reward_running_mean": sum(recent) / len(recent),
+        "reward_prompt_centred": prompt_centred(batch.scores, batch.kl, k),
+        "kl": batch.kl.mean().item(), "kl_coef": kl_coef,
+        "explained_variance": explained_variance(batch.values, batch.returns, batch.response_mask),
         "response_length": batch.response_mask.sum(1).mean().item(),
         "eos_fraction": batch.has_eos.float().mean().item(),
     }
+
+
+def prompt_centred(scores: torch.Tensor, kl: torch.Tensor, k: int) -> float:
+    """Mean over prompts (consecutive groups of k) of the group's mean score minus its self-normalised
+    importance-weighted mean, weights exp(−kl): an estimate of the policy's gain over SFT on these prompts."""
+    if k == 1:
+        return float("nan")
+    groups, weights = scores.view(-1, k).double(), torch.softmax(-kl.view(-1, k).double(), dim=1)
+    return (groups.mean(1) - (weights * groups).sum(1)).mean().item()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    real = mask.bool()
+    target, predicted = returns[real].double(), values[real].double()
+    spread = target.var(unbiased=False)
+    return float("nan") if spread == 0 else (1 - (target - predicted).var(unbiased=False) / spread).item()
 
 
 def guard(step: int, metrics: dict[str, float], cfg: PPOConfig, root: Path) -> None:
@@ -312,18 +369,60 @@ class KLController:
             self.value *= 1.0 + error * episodes / self.cfg.kl_horizon
 
 
+# ------------------------------------------------------------------ the held-out curve
+class HeldOutCurve:
+    """PPO's learning curve on fixed prompts: the eval split's first `ppo.eval_prompts` (held out from
+    PPO's own split), sampled from the policy at ppo.temperature and ppo.max_new_tokens with the same
+    noise every time (run.seed), at step 0 and every `ppo.eval_every` steps and the last (0: never).
+    Each point is the evaluation's measurement (held_out.py): the reward model's score, the gold score
+    where the data has a judge, and the KL to SFT, each with a 95 % bootstrap interval over prompts.
+    The points are history columns `held_out_*` (history.jsonl, DVCLive, ppo_history.csv), so a
+    resumed run keeps those before its checkpoint; measuring forks the RNG, so the training run's own
+    samples are the same with the curve as without it."""
+
+    PREFIX = "held_out_"
+
+    def __init__(self, config: Config, paths: RunPaths, roles: SharedBaseRoles):
+        self.cfg, self.sampling = config.ppo, Sampling.of_ppo(config.ppo, config.run.seed)
+        held_out = [r["prompt"] for r in read_split(paths, "eval")[: config.ppo.eval_prompts]]
+        self.prompts = sorted(held_out, key=lambda p: len(prompt_ids(roles.tokenizer, p)))  # little padding
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return every > 0 and (step % every == 0 or step == self.cfg.steps)
+
+    def measure(self, roles: SharedBaseRoles) -> dict[str, float]:
+        roles.model.eval()  # no dropout (the update left train mode on)
+        with torch.random.fork_rng():
+            drawn = generate("ppo", roles, None, self.prompts, self.sampling, desc="ppo: held-out curve")
+            rows = pd.DataFrame(score("ppo", roles, drawn, self.sampling.temperature))
+        point = summary(rows, bool(rows["gold"].notna().any()), BOOTSTRAP_SAMPLES, self.sampling.seed)
+        return {self.PREFIX + key: float(value) for key, value in point.items()}
+
+    @classmethod
+    def ends(cls, history: pd.DataFrame) -> dict[str, float]:
+        """The curve's first and last points (metrics/ppo.json, the paper's PPO row); {} without a curve."""
+        columns = [c for c in history.columns if c.startswith(cls.PREFIX)]
+        points = history.dropna(subset=[cls.PREFIX + "reward_mean"]) if columns else history.iloc[:0]
+        if points.empty:
+            return {}
+        return {f"{column}_{end}": float(points[column].iloc[at]) for column in columns
+                for end, at in (("first", 0), ("last", -1))} | {"held_out_points": len(points)}
+
+
 def write_results(config: Config, paths: RunPaths, roles: SharedBaseRoles, book: Bookkeeping) -> dict:
     """The final policy (results/<run>/ppo), the history's plot file and the stage's metrics."""
     with atomic_dir(paths.ppo) as out:
         save_policy(roles, out)
-        model_card.write(out / "adapter", config, paths, book.history.rows())  # README.md: the Hub's model card
-    curve = book.history.write_csv(paths.metrics / "ppo_history.csv")
+        model_card.write(out / "adapter", config, paths, book.history.rows().query("step > 0"))  # the Hub's card
+    history = book.history.write_csv(paths.metrics / "ppo_history.csv")
+    steps = history[history["step"] > 0]  # step 0 holds the held-out curve's first point only
     summary = {
-        "reward_mean_first": float(curve["reward_mean"].iloc[0]),
-        "reward_mean_last": float(curve["reward_mean"].iloc[-1]),
-        "kl_last": float(curve["kl"].iloc[-1]), "kl_coef_last": float(curve["kl_coef"].iloc[-1]),
+        "reward_mean_first": float(steps["reward_mean"].iloc[0]),
+        "reward_mean_last": float(steps["reward_mean"].iloc[-1]),
+        "kl_last": float(steps["kl"].iloc[-1]), "kl_coef_last": float(steps["kl_coef"].iloc[-1]),
         "steps": config.ppo.steps,
-    }
+    } | HeldOutCurve.ends(history)
     write_metrics(paths, "ppo", summary, config, seconds=book.timer.seconds)
     print(f"ppo: reward {summary['reward_mean_first']:.3f} -> {summary['reward_mean_last']:.3f}, "
           f"KL {summary['kl_last']:.3f}")
@@ -354,7 +453,7 @@ class Checkpoints:
     folders instead: training.trainer_checkpoint_to_resume.)"""
 
     def __init__(self, config: Config, paths: RunPaths):
-        self.root = checkpoints_for(paths, "ppo", config, [paths.split("ppo"),
+        self.root = checkpoints_for(paths, "ppo", config, [paths.split("ppo"), paths.split("eval"),
                                                            paths.sft / "adapter" / "adapter_model.safetensors",
                                                            paths.rm / "adapter" / "adapter_model.safetensors"])
 
@@ -415,6 +514,14 @@ class Bookkeeping:
             yield step
             if self.sigterm.received:
                 return
+
+    def recent(self, column: str) -> list[float]:
+        """`column`'s logged values of the steps before the current one, oldest first (a resumed run's
+        included, a step being redone not)."""
+        rows = self.history.rows()
+        if column not in rows:
+            return []
+        return rows[(rows["step"] > 0) & (rows["step"] < self.step)][column].dropna().tolist()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.history.log(step, metrics)
