@@ -201,6 +201,18 @@ def test_gold_by_category_averages_the_generations_per_kind_of_question(pipeline
     assert not list(paths.eval.glob("*.tex"))  # the paper stage typesets the tables
 
 
+def test_the_reward_models_held_out_accuracy_per_kind_of_question(pipeline):
+    """rm_by_category.csv: the RM stage's held-out margins (the eval split, in order) grouped by category."""
+    _, paths, _ = pipeline
+    table = pd.read_csv(paths.eval / "rm_by_category.csv").set_index("category")
+    margins = pd.read_csv(paths.rm / HELD_OUT_MARGINS)
+    margins["category"] = [synthetic.prompt_category(r["prompt"]) for r in read_split(paths, "eval")]
+    assert table["pairs"].sum() == len(margins)
+    for category, rows in margins.groupby("category"):
+        assert table.loc[category, "accuracy"] == pytest.approx((rows["margin"] > 0).mean())
+        assert table.loc[category, "margin_mean"] == pytest.approx(rows["margin"].mean())
+
+
 def test_ppo_guard_stops_on_non_finite_loss_and_keeps_the_last_good_checkpoint(pipeline, monkeypatch):
     config, paths, _ = pipeline
     root = paths.checkpoints("ppo")

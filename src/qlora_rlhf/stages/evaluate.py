@@ -67,8 +67,11 @@ def run(config: Config, paths: RunPaths) -> dict:
     generations = pd.DataFrame(rows)
     perplexity = perplexities(paths, roles, split, saved)
     rm_pairs = pd.read_csv(require(paths.rm / HELD_OUT_MARGINS, "rm"))
+    if generations["gold"].notna().any():  # synthetic prompts: where the reward model errs, by kind of question
+        rm_pairs["category"] = [prompt_category(r["prompt"]) for r in split[: len(rm_pairs)]]
 
-    tables = summarise(generations, perplexity, sample_prompts, config.eval.bootstrap_samples, config.run.seed)
+    tables = summarise(generations, rm_pairs, perplexity, sample_prompts, config.eval.bootstrap_samples,
+                       config.run.seed)
     with atomic_dir(paths.eval) as out:
         for name, frame in tables.items():
             frame.to_csv(out / f"{name}.csv", index=False)  # the paper stage typesets them from these
@@ -104,8 +107,8 @@ def perplexities(paths: RunPaths, roles: SharedBaseRoles, split: list[dict], sav
 
 
 # ------------------------------------------------------------------ summarise
-def summarise(generations: pd.DataFrame, perplexity: dict[str, float], sample_prompts: list[str], samples: int,
-              seed: int) -> dict[str, pd.DataFrame]:
+def summarise(generations: pd.DataFrame, rm_pairs: pd.DataFrame, perplexity: dict[str, float],
+              sample_prompts: list[str], samples: int, seed: int) -> dict[str, pd.DataFrame]:
     """The stage's tables, by file name; the gold tables only where the data has a gold judge. The gold
     judge answers for its own (synthetic) prompts only, for every policy alike; on real prompts there is
     none, and the tables and metrics leave its columns out instead of filling NaN."""
@@ -115,6 +118,7 @@ def summarise(generations: pd.DataFrame, perplexity: dict[str, float], sample_pr
               "samples": samples_table(generations, sample_prompts)}
     if has_gold:
         tables["gold_by_category"] = gold_by_category(generations)
+        tables["rm_by_category"] = rm_by_category(rm_pairs)
     return tables
 
 
@@ -155,6 +159,14 @@ def gold_by_category(generations: pd.DataFrame) -> pd.DataFrame:
     table = table[list(dict.fromkeys(judged["policy"]))]  # the policies in evaluation order
     prompts = judged[judged["policy"] == judged["policy"].iloc[0]].groupby("category").size().rename("prompts")
     return table.join(prompts).reset_index()
+
+
+def rm_by_category(rm_pairs: pd.DataFrame) -> pd.DataFrame:
+    """The reward model's held-out pairwise accuracy and mean margin per kind of question: a category
+    it cannot rank is one PPO cannot learn, whatever its settings (its blind spots)."""
+    grouped = rm_pairs.groupby("category")
+    return pd.DataFrame({"accuracy": grouped["correct"].mean(), "margin_mean": grouped["margin"].mean(),
+                         "pairs": grouped.size()}).reset_index()
 
 
 def eval_metrics(summary: pd.DataFrame, winrate: pd.DataFrame, rm_pairs: pd.DataFrame, prompts: int) -> dict:
