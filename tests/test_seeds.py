@@ -75,6 +75,8 @@ def test_per_seed_gains_and_the_interval_over_seeds(tmp_path):
             == pytest.approx((gains.mean() - half, gains.mean() + half)))
     assert (summary["gold_seeds_above_zero"], summary["gold_seeds_below_zero"]) == (2, 1)
     assert summary["gold_seeds_excluding_zero"] == 3 and summary["kl_to_sft_mean"] == pytest.approx(0.3)
+    assert summary["kl_to_sft_max"] == table["kl_to_sft"].max()  # the worst seed against the KL target
+    assert summary["eos_fraction_min"] == table["eos_fraction"].min()
 
 
 def test_t_quantiles_and_a_single_seed():
