@@ -114,10 +114,16 @@ def test_run_writes_table_figure_metrics_and_the_paper_with_its_section(tmp_path
     shutil.rmtree(paths.eval)
     write_fake_results(paths.root)  # the run's metrics and tables for its paper
     eval_of_run.write_text(kept)
+    for seed in (1, 2):  # each seed's PPO history, with its held-out curve (steps 0, 4, 8, 12)
+        RunPaths.of(config, seed).metrics.mkdir(parents=True, exist_ok=True)
+        shutil.copy(paths.metrics / "ppo_history.csv", RunPaths.of(config, seed).metrics / "ppo_history.csv")
     figures.run(config, paths)
     paper.run(config, paths)
     summary = seeds.run(config, paths)
     out = paths.seed_study
+    curves = pd.read_csv(out / "held_out_curves.csv")
+    assert curves.groupby("seed")["step"].apply(list).to_dict() == {s: [0, 4, 8, 12] for s in (1234, 1, 2)}
+    assert (out / "held_out_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert pd.read_csv(out / "seeds.csv")["seed"].tolist() == [1234, 1, 2]
     assert json.loads(paths.stage_metrics("seeds").read_text()) == pytest.approx(summary)
     assert summary["gold_seeds_above_zero"] == 3

@@ -8,6 +8,7 @@ compared with the one evaluation of SFT (results/<run>/eval). Writes results/<ru
                   seeds' own interval excludes 0 (outside the folder: DVC's metrics)
 - seeds.png/.pdf  the figure: each seed's gain with its interval, and the across-seed mean
 - best_of_n.png/.pdf  every seed's PPO on best-of-n's frontier from SFT (figures.save_best_of_n)
+- held_out_curves.csv/.png/.pdf  every seed's held-out curve during PPO and their mean over seeds
 - paper/          the run's paper with a section built from them (paper.pdf); its numbers are macros,
                   added to the copy's macros.tex as the paper stage names them (`seed_macros`)
 
@@ -139,6 +140,51 @@ def draw(table: pd.DataFrame, summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
+CURVES = {"held_out_gold_mean": "gold score", "held_out_reward_mean": "RM score (logit)",
+          "held_out_kl_to_sft": "KL to SFT (nats)"}
+
+
+def held_out_curves(histories: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """Every seed's held-out curve (ppo.py's HeldOutCurve) in one long table: seed, step, and CURVES'
+    columns that the run measured; empty when no seed has a curve (ppo.eval_every 0)."""
+    frames = [history.dropna(subset=["held_out_reward_mean"]).assign(seed=seed)
+              for seed, history in histories.items() if "held_out_reward_mean" in history]
+    if not frames:
+        return pd.DataFrame()
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[["seed", "step", *[c for c in CURVES if c in curves and curves[c].notna().any()]]]
+
+
+def draw_curves(curves: pd.DataFrame, out: Path) -> None:
+    """The held-out curves of every seed (thin) and their mean over seeds with a 95 % t interval (band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .figures import save_figure
+
+    columns = [c for c in CURVES if c in curves]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 2.6), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        for _, seed in curves.groupby("seed"):
+            ax.plot(seed["step"], seed[column], color="#1f77b4", alpha=0.35, linewidth=0.8)
+        by_step = curves.groupby("step")[column]
+        steps, mean = np.array(sorted(by_step.groups)), by_step.mean().to_numpy()
+        bands = np.array([interval_over_seeds(by_step.get_group(step).to_numpy()) for step in steps])
+        ax.fill_between(steps, bands[:, 0], bands[:, 1], color="#d62728", alpha=0.15, linewidth=0)
+        ax.plot(steps, mean, color="#d62728", marker="o", markersize=2.5, label="mean, 95 % over seeds")
+        ax.set(xlabel="PPO step", ylabel=CURVES[column])
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("PPO on held-out prompts, every seed")
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        save_figure(fig, out / f"held_out_curves.{suffix}", dpi=200)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ the paper's section
 def seed_macros(table: pd.DataFrame, summary: dict) -> dict[str, Macro]:
     """The seed study's numbers as macros, named as the paper stage names its own: `ResSeeds` + key for
@@ -267,6 +313,13 @@ def run(config: Config, paths: RunPaths) -> dict:
             draw(table, summary, out)
         save_best_of_n(paths.best_of_n, [ppo_point(seed, ppo_of[seed], config.eval.bootstrap_samples)
                                          for seed in seeds], out, config)
+        curves = held_out_curves({seed: pd.read_csv(RunPaths.of(config, seed).metrics / "ppo_history.csv")
+                                  for seed in seeds})
+        if len(curves):
+            curves.to_csv(out / "held_out_curves.csv", index=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                draw_curves(curves, out)
         paper = out / "paper"
         shutil.copytree(paths.paper, paper)
         (paper / "paper.pdf").unlink(missing_ok=True)
