@@ -13,7 +13,7 @@ def _cfg(**overrides) -> PPOConfig:
     base = dict(steps=2, batch_size=8, samples_per_prompt=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-4,
                 kl_coef=0.05, kl_control="fixed", kl_target_low=0.1, kl_target_high=0.3, kl_horizon=32, cliprange=0.2,
                 cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=1.0, max_new_tokens=4, temperature=0.7,
-                missing_eos_penalty=1.0, max_kl=20.0, save_steps=1)
+                missing_eos_penalty=1.0, max_kl=20.0, save_steps=1, eval_every=1, eval_prompts=4, eval_batch_size=4)
     return PPOConfig(**(base | overrides))
 
 
