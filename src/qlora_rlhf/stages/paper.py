@@ -276,9 +276,10 @@ def training_table(macros: dict[str, Macro]) -> str:
             return fr"\{key}Mean{end}{{}} [\{key}CiLow{end}, \{key}CiHigh{end}]"
 
         judges = [("Reward", "RM")] + ([("Gold", "gold")] if "ResPpoHeldOutGoldMeanLast" in macros else [])
-        text = "; ".join(fr"{label} {point(name, 'First')} $\to$ {point(name, 'Last')}" for name, label in judges)
-        rows.append(fr"PPO & held-out {text}; KL \ResPpoHeldOutKlToSftLast{{}} "
-                    fr"[\ResPpoHeldOutKlCiLowLast, \ResPpoHeldOutKlCiHighLast] & -- & \ResPpoSteps")
+        cells = [fr"held-out {label} {point(name, 'First')} $\to$ {point(name, 'Last')}" for name, label in judges]
+        cells.append(r"held-out KL \ResPpoHeldOutKlToSftLast{} [\ResPpoHeldOutKlCiLowLast, \ResPpoHeldOutKlCiHighLast]")
+        rows.append(fr"PPO & {cells[0]} & -- & \ResPpoSteps")  # one line per measure: the row fits the column
+        rows += [f" & {cell} & & " for cell in cells[1:]]
     # No wall-clock column: the paper is a DVC output, and a time would change its bytes on every rerun
     # (the times are in results/<run>/timings/, timings.py).
     return _table("@{}llrr@{}", r"Stage & Held-out / rollout metric & Train loss (first $\to$ last) & Steps", rows)
