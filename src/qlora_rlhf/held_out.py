@@ -87,15 +87,14 @@ def score(policy: str, roles: SharedBaseRoles, batches: list[tuple[list[str], Sa
 def summary(rows: pd.DataFrame, has_gold: bool, samples: int, seed: int) -> dict[str, float]:
     """One policy's mean reward (and gold) score with 95 % bootstrap intervals over prompts, its mean KL to
     SFT (with an interval too), reply length and the share of replies that end with EOS."""
-    reward = rows["reward"].to_numpy(dtype=float)
-    kl = rows["kl_to_sft"].to_numpy(dtype=float)
-    out = dict(zip(("reward_mean", "reward_ci_low", "reward_ci_high"),
-                   (reward.mean(), *bootstrap_ci(reward, samples, seed)), strict=True))
+
+    def with_interval(name: str, mean_key: str, values: np.ndarray) -> dict[str, float]:
+        low, high = bootstrap_ci(values, samples, seed)
+        return {mean_key: values.mean(), f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+    out = with_interval("reward", "reward_mean", rows["reward"].to_numpy(dtype=float))
     if has_gold:
-        gold = rows["gold"].dropna().to_numpy(dtype=float)
-        out |= dict(zip(("gold_mean", "gold_ci_low", "gold_ci_high"), (gold.mean(), *bootstrap_ci(gold, samples, seed)),
-                        strict=True))
-    out |= {"kl_to_sft": float(np.mean(kl))}
-    out |= dict(zip(("kl_ci_low", "kl_ci_high"), bootstrap_ci(kl, samples, seed), strict=True))
+        out |= with_interval("gold", "gold_mean", rows["gold"].dropna().to_numpy(dtype=float))
+    out |= with_interval("kl", "kl_to_sft", rows["kl_to_sft"].to_numpy(dtype=float))
     return out | {"response_length": rows["response_length"].mean(),
                   "eos_fraction": rows["ends_with_eos"].astype(float).mean()}
