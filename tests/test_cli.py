@@ -122,3 +122,40 @@ def test_model_verbs_keep_freed_memory_in_every_dtype(dtype, write_params, monke
     assert cli.main(["sft", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0
     assert cli.main(["data", "--params", str(write_params(**{"model.compute_dtype": dtype}))]) == 0  # loads no model
     assert calls == [True]
+
+
+def test_model_verbs_warm_up_the_vector_math_before_the_stage_runs(write_params, monkeypatch):
+    """warmup.py: the first float32 cos of a stage could be inexact on one thread; the CLI makes that first
+    call itself, after the allocator is set and before the stage's module is imported and run."""
+    import types
+
+    from qlora_rlhf import allocator, warmup
+
+    order = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: order.append("allocator") or True)
+    monkeypatch.setattr(warmup, "vector_math", lambda: order.append("warmup"))
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(run=lambda config, paths: order.append("stage")))
+    assert cli.main(["ppo", "--params", str(write_params())]) == 0
+    assert cli.main(["data", "--params", str(write_params())]) == 0  # loads no model: no warm-up
+    assert order == ["allocator", "warmup", "stage", "stage"]
+
+
+def test_the_warm_up_calls_each_function_on_a_float32_tensor_and_changes_no_result(monkeypatch):
+    import torch
+
+    from qlora_rlhf import warmup
+
+    x = torch.linspace(0.0, 30.0, 3584)
+    before = {name: getattr(torch, name)(x + 1) for name in warmup.FUNCTIONS}
+    called = []
+    for name in warmup.FUNCTIONS:
+        original = getattr(torch, name)
+        def recorded(t, original=original, name=name):
+            called.append((name, t.dtype, t.numel()))
+            return original(t)
+        monkeypatch.setattr(torch, name, recorded)
+    warmup.vector_math()
+    monkeypatch.undo()
+    assert called == [(name, torch.float32, warmup.SIZE) for name in warmup.FUNCTIONS]
+    assert all(torch.equal(getattr(torch, name)(x + 1), before[name]) for name in warmup.FUNCTIONS)

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
-from . import allocator, distributed, lock, precision, preflight
+from . import allocator, distributed, lock, precision, preflight, warmup
 from .atomic import write_failure
 from .config import Config, ConfigError, check_runtime, load_config
 from .errors import Preempted, UserError
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if STAGES[args.verb].loads_model:
                 allocator.keep_freed_memory()  # before the first large tensor (allocator.py)
+                warmup.vector_math()  # before the first forward: its first cos could be inexact (warmup.py)
             module = importlib.import_module(STAGES[args.verb].module)
             extra = {"budget_gib": args.budget_gib, "device": args.device} if args.verb == "plan-memory" else {}
             module.run(config, paths, **extra)
