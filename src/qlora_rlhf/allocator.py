@@ -9,7 +9,8 @@ RSS is the peak, not the bytes in use), which a stage that runs once and exits d
 
 The CLI does this for every model stage, whatever the compute dtype: where a result is a function of its inputs,
 where its memory comes from cannot change it (tests/test_determinism.py runs PPO under it; a float32-only rule
-rested on a bf16 difference that was the dense sampler's, not the heap's: docs/findings.md). A user's own glibc
+rested on a bf16 difference that was a stage's first float32 cos, warmup.py, not the heap's; the
+whole bf16 DAG gives the same dvc.lock with and without: docs/findings.md). A user's own glibc
 malloc settings (MALLOC_*_ variables or GLIBC_TUNABLES) are left as they are, and other C libraries (macOS, musl)
 are not touched."""
 

@@ -6,7 +6,7 @@ rounds at 6e-8, with inputs equal to the bit, while `sin` beside it and every la
 a few cos entries then move one bf16 step, so the first samples of a PPO run (its held-out curve at step 0, before
 the curve existed its first rollout) and the first step of SFT or RM could differ from run to run: the
 nondeterminism of issue 33, item 3. In that stage's setting 17 of 63 processes were hit (oneDNN held to
-AVX512_CORE_BF16; fewer with AMX); after these calls, made first, none of 30 was. A bare torch
+AVX512_CORE_BF16; 4 of 17 with AMX); after these calls, made first, none of 30 was. A bare torch
 process does not show it, so the library's first call depends on what the stage loaded before it; which library
 state is not pinned down (docs/findings.md). The calls take well under a millisecond and change no later result.
 """
