@@ -26,12 +26,6 @@ from qlora_rlhf.atomic import write_json
 from _study import REPO, RESULTS, run_paths
 
 
-def torch_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def one_trial(params: Path, warm: bool) -> str:
     """The md5 of the rotary cos table in this process's first prefill."""
     import torch
@@ -66,6 +60,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10, help="fresh processes per arm")
     parser.add_argument("--once", choices=("warm", "cold"), help=argparse.SUPPRESS)  # one trial, in this process
     args = parser.parse_args()
+    import torch
+
     if args.once:
         print(one_trial(args.params, args.once == "warm"))
         return
@@ -83,7 +79,7 @@ def main() -> None:
         "trials_per_arm": args.trials,
         "distinct_tables": {arm: len(counts) for arm, counts in arms.items()},
         "tables": arms,
-        "cpu": {"model": precision.cpu_model(), "capability": torch_capability(),
+        "cpu": {"model": precision.cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
                 "native_bf16_flags": sorted(set(precision.NATIVE_BF16_CPU_FLAGS) & precision.cpu_flags()),
                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
                 "compute_dtype": precision.resolve("auto", "cpu").dtype},
