@@ -96,3 +96,35 @@ def test_hadolint_is_clean():
     result = subprocess.run([binary, "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _docker_ignores(path: str) -> bool:
+    """Docker's rule for one path of the build context: the last .dockerignore pattern that matches
+    the path or one of its parent folders wins, and a `!` pattern takes the path back in."""
+    import fnmatch
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = line.lstrip("!").rstrip("/").replace("**/", "*")
+        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            ignored = not keep
+    return ignored
+
+
+def test_image_keeps_what_its_code_reads_and_drops_local_state():
+    # workflow/slurm_resources.py builds the SLURM profile from this measurement inside the image
+    sys.path.insert(0, str(REPO / "workflow"))
+    try:
+        import slurm_resources
+    finally:
+        sys.path.pop(0)
+    assert not _docker_ignores(slurm_resources.MEASURED.relative_to(REPO).as_posix())
+    assert _docker_ignores("benchmarks/results/repro_time-avx2.json")
+    assert _docker_ignores(".venv/bin/python")
+    assert _docker_ignores("results/default/sft/adapter_model.safetensors")
